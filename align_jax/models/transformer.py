@@ -1,0 +1,314 @@
+"""The decoder: Llama / Qwen2 / Mistral in one Flax Linen module.
+
+Parameter layout (every leaf carries logical axis names; `layers` leaves are stacked [L, ...]):
+
+    embed/embedding                 [V, E]      (vocab, embed)
+    layers/{input_norm,post_attn_norm}/scale     [L, E]
+    layers/attn/{q,k,v}_proj/kernel [L, E, N|K, H]   (+ bias [L, N|K, H] for Qwen2)
+    layers/attn/o_proj/kernel       [L, N, H, E]
+    layers/mlp/{gate,up}_proj/kernel [L, E, F];  layers/mlp/down_proj/kernel [L, F, E]
+    final_norm/scale                [E]
+    lm_head/kernel                  [E, V]      (absent with tied embeddings)
+
+The layer stack is an `nn.scan` over units of k = `layers_per_unit` layers (itself an inner scan),
+and the unit is what gets rematerialised: only the residual stream entering each unit is kept for the
+backward pass (the report's multi-layer checkpointing). `nn.map_variables` presents the [L/k, k, ...]
+unit layout as the canonical [L, ...] one, so checkpoints do not depend on k.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
+
+from align_jax.models.attention import attention, make_mask
+from align_jax.models.config import ModelConfig
+from align_jax.models.rope import apply_rope, inv_frequencies
+from align_jax.sharding import Sharder
+
+BTE = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
+    cfg: ModelConfig = module.cfg
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
+
+
+def _normal(cfg: ModelConfig):
+    return nn.initializers.normal(stddev=cfg.initializer_range)
+
+
+def _bcast(b: jax.Array, ndim: int) -> jax.Array:
+    """Left-pads a bias/scale with unit axes (rank promotion is an error in this project)."""
+    return b.reshape((1,) * (ndim - b.ndim) + b.shape)
+
+
+class RMSNorm(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+        dtype = self.cfg.jnp_dtype
+        return _bcast(scale.astype(dtype), x.ndim) * y.astype(dtype)
+
+
+class Linear(nn.Module):
+    """A projection whose kernel keeps the logical shape (e.g. [E, N, H]) instead of a flat matrix."""
+
+    cfg: ModelConfig
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str  # einsum of (input, kernel)
+    n_in: int = 1  # leading kernel dims that are contracted; the bias has the rest
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = self.cfg.jnp_dtype
+        w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
+        y = jnp.einsum(self.equation, x, w.astype(dtype))
+        if self.use_bias:
+            b = _param(self, "bias", self.shape[self.n_in :], self.axes[self.n_in :], nn.initializers.zeros)
+            y = y + _bcast(b.astype(dtype), y.ndim)
+        return y
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    sharder: Sharder
+
+    @nn.compact
+    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+
+        def proj(name: str, heads: int, heads_axis: str) -> jax.Array:
+            shape, axes = (e, heads, h), ("embed", heads_axis, "head_dim")
+            return Linear(cfg, shape, axes, "bte,enh->btnh", use_bias=cfg.qkv_bias, name=name)(x_BTE)
+
+        q = checkpoint_name(proj("q_proj", n, "heads"), "query_proj")
+        kk = checkpoint_name(proj("k_proj", k, "kv_heads"), "key_proj")
+        v = checkpoint_name(proj("v_proj", k, "kv_heads"), "value_proj")
+        inv_freq = inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+        q = apply_rope(q, positions_BT, inv_freq)
+        kk = apply_rope(kk, positions_BT, inv_freq)
+        q = self.sharder.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+        kk = self.sharder.constrain(kk, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        v = self.sharder.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+
+        ctx = checkpoint_name(attention(q, kk, v, mask_BTS, impl=cfg.attention_impl), "attn_context")
+        o_proj = Linear(
+            cfg, (n, h, e), ("heads", "head_dim", "embed"), "btnh,nhe->bte", n_in=2, use_bias=cfg.o_bias, name="o_proj"
+        )
+        return checkpoint_name(o_proj(ctx), "attn_out")
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+    sharder: Sharder
+
+    @nn.compact
+    def __call__(self, x_BTE: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        e, f = cfg.hidden_size, cfg.intermediate_size
+        up_eq, mlp_names = "bte,ef->btf", ("activation_batch", "activation_length", "activation_mlp")
+        gate = Linear(cfg, (e, f), ("embed", "mlp"), up_eq, use_bias=cfg.mlp_bias, name="gate_proj")(x_BTE)
+        up = Linear(cfg, (e, f), ("embed", "mlp"), up_eq, use_bias=cfg.mlp_bias, name="up_proj")(x_BTE)
+        hidden = self.sharder.constrain(nn.silu(gate) * up, mlp_names)
+        down = Linear(cfg, (f, e), ("mlp", "embed"), "btf,fe->bte", use_bias=cfg.mlp_bias, name="down_proj")
+        return checkpoint_name(down(hidden), "mlp_out")
+
+
+class Block(nn.Module):
+    """One decoder layer, with the (carry, broadcast inputs) -> (carry, None) signature of nn.scan."""
+
+    cfg: ModelConfig
+    sharder: Sharder
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS):
+        h = RMSNorm(self.cfg, name="input_norm")(x_BTE)
+        x_BTE = x_BTE + Attention(self.cfg, self.sharder, name="attn")(h, positions_BT, mask_BTS)
+        h = RMSNorm(self.cfg, name="post_attn_norm")(x_BTE)
+        x_BTE = x_BTE + Mlp(self.cfg, self.sharder, name="mlp")(h)
+        return self.sharder.constrain(x_BTE, BTE), None
+
+
+def _scan(module_cls, length: int):
+    return nn.scan(
+        module_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast),
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Unit(nn.Module):
+    """k consecutive layers: the unit of rematerialisation."""
+
+    cfg: ModelConfig
+    sharder: Sharder
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS):
+        block = _scan(Block, self.cfg.layers_per_unit)(self.cfg, self.sharder, name="unit")
+        x_BTE, _ = block(x_BTE, positions_BT, mask_BTS)
+        return x_BTE, None
+
+
+def remat_policy(name: str) -> Any:
+    """The jax.checkpoint policy for a config name. Names refer to `checkpoint_name` tags above."""
+    cp = jax.checkpoint_policies
+    return {
+        "full": cp.nothing_saveable,
+        "save_dots": cp.dots_with_no_batch_dims_saveable,
+        "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
+        "save_qkv_attn": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attn_context"),
+        "save_out_proj": cp.save_only_these_names("attn_out", "mlp_out"),
+    }[name]
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def _layers_to_units(cfg: ModelConfig):
+    """[L, ...] -> {'unit': [L/k, k, ...]} (and back), boxes included, for nn.map_variables."""
+    k, n_units = cfg.layers_per_unit, cfg.num_layers // cfg.layers_per_unit
+
+    def split(x):
+        if _is_box(x):
+            return x.replace_boxed(split(x.value)).replace(names=("layers", *x.names))
+        return x.reshape((n_units, k, *x.shape[1:]))
+
+    def merge(x):
+        if _is_box(x):
+            return x.replace_boxed(merge(x.value)).replace(names=tuple(x.names[1:]))
+        return x.reshape((n_units * k, *x.shape[2:]))
+
+    # The trees come keyed by collection: {"params": {...}}.
+    def trans_in(variables):
+        return {c: {"unit": jax.tree.map(split, t, is_leaf=_is_box)} if t else t for c, t in variables.items()}
+
+    def trans_out(variables):
+        return {c: jax.tree.map(merge, t["unit"], is_leaf=_is_box) if t else t for c, t in variables.items()}
+
+    return trans_in, trans_out
+
+
+class LayerStack(nn.Module):
+    cfg: ModelConfig
+    sharder: Sharder
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS):
+        cfg = self.cfg
+        unit = Unit
+        if cfg.remat_policy != "none":
+            unit = nn.remat(Unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        stack = _scan(unit, cfg.num_layers // cfg.layers_per_unit)
+        trans_in, trans_out = _layers_to_units(cfg)
+        stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
+        x_BTE, _ = stack(cfg, self.sharder, name="stack")(x_BTE, positions_BT, mask_BTS)
+        return x_BTE
+
+
+class Embedding(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
+        return _param(self, "embedding", shape, ("vocab", "embed"), _normal(self.cfg))
+
+
+class LmHead(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        shape = (self.cfg.hidden_size, self.cfg.vocab_size)
+        return _param(self, "kernel", shape, ("embed", "vocab"), _normal(self.cfg))
+
+
+class Decoder(nn.Module):
+    """tokens [B,T] -> float32 logits [B,T,V] (or the final-normed hidden states [B,T,E])."""
+
+    cfg: ModelConfig
+    sharder: Sharder = Sharder()
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT, segment_ids_BT, *, return_hidden: bool = False):
+        cfg, dtype = self.cfg, self.cfg.jnp_dtype
+        embedding = Embedding(cfg, name="embed")()
+        x = jnp.take(embedding, tokens_BT, axis=0).astype(dtype)
+        x = self.sharder.constrain(x, BTE)
+
+        index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :], tokens_BT.shape)
+        mask_BTS = make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT, cfg.sliding_window)
+        x = LayerStack(cfg, self.sharder, name="layers")(x, positions_BT, mask_BTS)
+        x = RMSNorm(cfg, name="final_norm")(x)
+        if return_hidden:
+            return x
+        w_EV = embedding.T if cfg.tie_word_embeddings else LmHead(cfg, name="lm_head")()
+        logits = jnp.einsum("bte,ev->btv", x, w_EV.astype(dtype), preferred_element_type=jnp.float32)
+        return self.sharder.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+
+def default_positions(tokens_BT: jax.Array) -> jax.Array:
+    return jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :], tokens_BT.shape)
+
+
+def boxed_init(cfg: ModelConfig, rng: jax.Array, sharder: Sharder = Sharder(), batch_shape=(1, 8)) -> Any:
+    """Params as logical boxes (call under jax.eval_shape for the abstract tree)."""
+    tokens = jnp.zeros(batch_shape, jnp.int32)
+    return Decoder(cfg, sharder).init(rng, tokens, default_positions(tokens), jnp.ones_like(tokens))["params"]
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, sharder: Sharder = Sharder()) -> Any:
+    """Fresh params, created directly in their shardings when `sharder` has a mesh."""
+    from align_jax.sharding import sharded_init
+
+    init = functools.partial(boxed_init, cfg, sharder=sharder)
+    if sharder.mesh is None:
+        return jax.jit(lambda r: nn.meta.unbox(init(r)))(rng)
+    return sharded_init(init, sharder, rng)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sharder", "return_hidden"))
+def _forward(cfg, params, tokens_BT, positions_BT, segment_ids_BT, sharder, return_hidden):
+    return Decoder(cfg, sharder).apply(
+        {"params": params}, tokens_BT, positions_BT, segment_ids_BT, return_hidden=return_hidden
+    )
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Any,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    *,
+    sharder: Sharder = Sharder(),
+    return_hidden: bool = False,
+) -> jax.Array:
+    """float32 logits [B, T, V]. Positions default to 0..T-1, segment ids to one segment per row."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    positions = default_positions(tokens) if positions is None else jnp.asarray(positions, jnp.int32)
+    segment_ids = jnp.ones_like(tokens) if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    for name, arr in (("positions", positions), ("segment_ids", segment_ids)):
+        if arr.shape != tokens.shape:
+            raise ValueError(f"{name} has shape {arr.shape}, tokens {tokens.shape}: they must match")
+    return _forward(cfg, params, tokens, positions, segment_ids, sharder, return_hidden)

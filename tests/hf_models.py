@@ -1,0 +1,70 @@
+"""Tiny random Hugging Face models, one per family and feature, built locally (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+
+# Each exercises what its family adds: GQA everywhere; llama3 RoPE scaling; tied embeddings and
+# q/k/v bias (Qwen2); a sliding window shorter than the test sequence (Mistral).
+TINY = {
+    "llama": dict(
+        cls=transformers.LlamaConfig,
+        kw=dict(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            rope_theta=500000.0,
+        ),
+    ),
+    "llama_bias": dict(
+        cls=transformers.LlamaConfig, kw=dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=True)
+    ),
+    "qwen2": dict(cls=transformers.Qwen2Config, kw=dict(tie_word_embeddings=True, rope_theta=1000000.0)),
+    "mistral": dict(cls=transformers.MistralConfig, kw=dict(sliding_window=5, head_dim=12)),
+}
+COMMON = dict(
+    vocab_size=211,
+    hidden_size=48,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def build(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+    spec = TINY[family]
+    config = spec["cls"](**{**COMMON, **spec["kw"], **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # Random init leaves norms at 1 and biases at 0; perturb them so the test sees their mapping.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.float().eval()
+
+
+def save(model: transformers.PreTrainedModel, path: str | os.PathLike, **kw) -> str:
+    model.save_pretrained(path, **kw)
+    return str(path)
+
+
+def torch_logits(model, tokens, attention_mask=None):
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(tokens, dtype=torch.long),
+            attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
+        )
+    return out.logits.float().numpy()
