@@ -30,7 +30,7 @@ class ScalarHead(nn.Module):
 
 class ScalarModel(nn.Module):
     """Decoder + ScalarHead: a reward model or a value model. Params: {'decoder': ..., 'head': ...},
-    so a causal-LM checkpoint loads into 'decoder' unchanged and the head starts fresh."""
+    so a causal-LM checkpoint loads into 'decoder' (its `lm_head` is not used) and the head starts fresh."""
 
     cfg: ModelConfig
     sharder: Sharder = Sharder()

@@ -12,7 +12,7 @@ Parameter layout (every leaf carries logical axis names; `layers` leaves are sta
 
 The layer stack is an `nn.scan` over units of k = `layers_per_unit` layers (itself an inner scan),
 and the unit is what gets rematerialised: only the residual stream entering each unit is kept for the
-backward pass (the report's multi-layer checkpointing). `nn.map_variables` presents the [L/k, k, ...]
+backward pass (the report's multi-layer checkpointing; see `Unit`). `nn.map_variables` presents the [L/k, k, ...]
 unit layout as the canonical [L, ...] one, so checkpoints do not depend on k.
 """
 
@@ -154,14 +154,23 @@ def _scan(module_cls, length: int):
 
 
 class Unit(nn.Module):
-    """k consecutive layers: the unit of rematerialisation."""
+    """k consecutive layers: the unit of rematerialisation.
+
+    Only the residual stream entering each unit is kept through the forward pass. When the backward
+    pass recomputes a unit, each of its k layers is checkpointed again with the same policy, so the
+    peak holds (L/k + k) residual streams and one layer's intermediates, instead of L streams (k=1)
+    or k layers' intermediates (a flat k-layer unit). The price of k > 1 is one more forward pass."""
 
     cfg: ModelConfig
     sharder: Sharder
 
     @nn.compact
     def __call__(self, x_BTE, positions_BT, mask_BTS):
-        block = _scan(Block, self.cfg.layers_per_unit)(self.cfg, self.sharder, name="unit")
+        cfg = self.cfg
+        layer = Block
+        if cfg.remat_policy != "none" and cfg.layers_per_unit > 1:
+            layer = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
+        block = _scan(layer, cfg.layers_per_unit)(cfg, self.sharder, name="unit")
         x_BTE, _ = block(x_BTE, positions_BT, mask_BTS)
         return x_BTE, None
 
@@ -252,6 +261,9 @@ class Decoder(nn.Module):
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
         embedding = Embedding(cfg, name="embed")()
         x = jnp.take(embedding, tokens_BT, axis=0).astype(dtype)
+        # A zero a caller can differentiate against (tests read d logits / d inputs through it);
+        # without a 'perturbations' collection in apply() it is the identity.
+        x = self.perturb("embedded", x)
         x = self.sharder.constrain(x, BTE)
 
         index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :], tokens_BT.shape)
