@@ -1,0 +1,152 @@
+"""The run config: one schema shared by every stage, filled in by `configs/<stage>.py` presets.
+
+`base_config(stage)` returns a locked `ml_collections.ConfigDict` holding every key a stage reads,
+with defaults; presets change values, and `--config.x=y` on the command line can only set keys that
+exist (a typo fails at once, naming the key). `validate` then checks values and cross-field rules
+before anything is built, so a bad config fails in a second, not after compilation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from align_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
+from align_jax.sharding import MESH_AXES, normalize_rules
+
+STAGES = ("sft", "rm", "dpo", "grpo", "pas", "pipeline")
+DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
+
+
+class ConfigValueError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def base_config(stage: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    # Params-only init: an HF directory or a previous stage's workdir (DESIGN.md, init precedence).
+    c.init_from = ""
+    # "" = the tokenizer of init_from; "demo" = train a small BPE on the training data; else a path.
+    c.tokenizer = ""
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    # Architecture, used only when training from scratch (init_from unset); an HF init reads config.json.
+    c.model.model_type = "llama"
+    c.model.vocab_size = 512
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 352
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.head_dim = 0  # 0: hidden_size // num_heads
+    c.model.rope_theta = 10000.0
+    c.model.max_position_embeddings = 2048
+    c.model.tie_word_embeddings = True
+    # Runtime settings (apply to HF inits too).
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.attention_impl = "auto"
+    c.model.remat_policy = "none"
+    c.model.layers_per_unit = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # path, glob, "demo:NAME" (bundled data) or a datasets name
+    c.data.eval = ""
+    c.data.format = "auto"
+    c.data.seq_len = 256
+    c.data.batch_size = 8  # global, in packed rows
+    c.data.loss_on = "assistant"  # assistant | last_assistant | all
+    c.data.over_long = "truncate"  # truncate | drop
+    c.data.on_bad_row = "error"  # error | skip
+    c.data.shuffle_seed = 0
+    c.data.pack_window = 1000
+    c.data.eval_batches = 0  # 0: the whole eval split
+
+    c.mesh = ml_collections.ConfigDict({ax: (-1 if ax == "data" else 1) for ax in MESH_AXES})
+    # Overrides of the default logical-axis rules, as (logical_name, mesh_axes) pairs.
+    c.rules = ()
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-4
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 10
+    c.optim.min_lr_ratio = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 100
+    c.train.microbatches = 1
+    c.train.z_loss = 0.0
+    c.train.log_every = 10
+    c.train.eval_every = 0
+    c.train.ckpt_every = 0
+    c.train.keep = 3
+    c.train.best_metric = ""  # e.g. "eval_loss": also keep the best checkpoint by it
+    c.train.async_checkpoint = True
+    c.train.progress = True
+    c.train.peak_flops = 0.0  # per device, for MFU; 0 -> from the device kind
+
+    c.metrics = ml_collections.ConfigDict()
+    c.metrics.tensorboard = True
+    c.metrics.wandb_project = ""
+    return c
+
+
+def _positive(c, *keys):
+    for key in keys:
+        node = c
+        for part in key.split("."):
+            node = node[part]
+        if not node > 0:
+            raise ConfigValueError(f"config.{key} must be positive, got {node}")
+
+
+def _one_of(value: Any, allowed: tuple, key: str):
+    if value not in allowed:
+        raise ConfigValueError(f"config.{key}={value!r} is not one of {allowed}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks values and cross-field rules; returns the config for chaining."""
+    _one_of(c.stage, STAGES, "stage")
+    _positive(c, "data.seq_len", "data.batch_size", "train.steps", "train.microbatches", "train.log_every", "optim.lr")
+    _one_of(c.data.format, DATA_FORMATS, "data.format")
+    _one_of(c.data.loss_on, ("assistant", "last_assistant", "all"), "data.loss_on")
+    _one_of(c.data.over_long, ("truncate", "drop"), "data.over_long")
+    _one_of(c.data.on_bad_row, ("error", "skip"), "data.on_bad_row")
+    _one_of(c.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
+    _one_of(c.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+    _one_of(c.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    if c.data.batch_size % c.train.microbatches:
+        raise ConfigValueError(
+            f"config.data.batch_size={c.data.batch_size} is not divisible by config.train.microbatches={c.train.microbatches}"
+        )
+    if not c.data.train:
+        raise ConfigValueError("config.data.train is empty: give a file, glob, 'demo:NAME' or dataset name")
+    if c.model.num_layers % c.model.layers_per_unit:
+        raise ConfigValueError(
+            f"config.model.layers_per_unit={c.model.layers_per_unit} must divide num_layers={c.model.num_layers}"
+        )
+    sizes = [c.mesh[ax] for ax in MESH_AXES]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigValueError(f"config.mesh={dict(c.mesh)}: sizes are positive, with at most one -1")
+    normalize_rules(c.rules)
+    if not 0 <= c.optim.min_lr_ratio <= 1:
+        raise ConfigValueError(f"config.optim.min_lr_ratio={c.optim.min_lr_ratio} must be in [0, 1]")
+    return c
+
+
+def resolve_data_path(path: str) -> str:
+    """`demo:NAME` names a bundled file (align_jax/data/demo/NAME.jsonl); anything else is as given."""
+    if path.startswith("demo:"):
+        return os.path.join(DEMO_DIR, path[len("demo:") :] + ".jsonl")
+    return path

@@ -1,0 +1,215 @@
+"""What every stage builds before its first step: mesh, tokenizer, model config, and a sharded
+train state (fresh, from `init_from`, or resumed) with its shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from align_jax import checkpoint
+from align_jax.config import resolve_data_path
+from align_jax.models.config import ModelConfig, to_hf_dict
+from align_jax.models.hf import abstract_params
+from align_jax.models.transformer import boxed_init
+from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules, tree_shardings
+from align_jax.train.optim import make_optimizer
+from align_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
+    mesh = make_mesh({ax: int(config.mesh[ax]) for ax in config.mesh})
+    rules = dict(normalize_rules(None))
+    rules.update(normalize_rules(config.rules))
+    return Sharder(mesh, tuple(rules.items()))
+
+
+def runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    m = config.model
+    return dict(
+        param_dtype=m.param_dtype,
+        dtype=m.dtype,
+        attention_impl=m.attention_impl,
+        remat_policy=m.remat_policy,
+        layers_per_unit=m.layers_per_unit,
+    )
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConfig:
+    """From init_from's config when there is one; else the architecture in config.model."""
+    runtime = runtime_fields(config)
+    if config.init_from:
+        return checkpoint.model_config_of(config.init_from, **runtime)
+    m = config.model
+    vocab = max(int(m.vocab_size), len(tokenizer))
+    return ModelConfig(
+        model_type=m.model_type,
+        vocab_size=vocab,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_layers=m.num_layers,
+        num_heads=m.num_heads,
+        num_kv_heads=m.num_kv_heads,
+        head_dim=m.head_dim or None,
+        rope_theta=m.rope_theta,
+        max_position_embeddings=max(m.max_position_embeddings, config.data.seq_len),
+        tie_word_embeddings=m.tie_word_embeddings,
+        qkv_bias=m.model_type == "qwen2",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **runtime,
+    )
+
+
+def _train_texts(path: str, limit: int = 20000) -> Iterator[str]:
+    """Text of the first `limit` rows of a JSONL chat file, for training the demo tokenizer."""
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if i >= limit:
+                return
+            row = json.loads(line)
+            for m in row.get("messages", []):
+                yield m.get("content", "")
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+    """The run's tokenizer. Saved into WORKDIR/tokenizer on first use, so a resumed run and the export
+    use the very same one."""
+    from transformers import AutoTokenizer
+
+    saved = os.path.join(workdir, TOKENIZER_DIR)
+    if os.path.isfile(os.path.join(saved, "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(saved)
+    if config.tokenizer == "demo":
+        from align_jax.data.bpe import train_tokenizer
+
+        tok = train_tokenizer(_train_texts(resolve_data_path(config.data.train)), vocab_size=config.model.vocab_size)
+    elif config.tokenizer:
+        tok = AutoTokenizer.from_pretrained(config.tokenizer)
+    elif config.init_from:
+        src = (
+            config.init_from
+            if checkpoint.is_hf_dir(config.init_from)
+            else os.path.join(config.init_from, TOKENIZER_DIR)
+        )
+        tok = AutoTokenizer.from_pretrained(src)
+    else:
+        raise ValueError("config.tokenizer is empty and there is no config.init_from to take one from")
+    if jax.process_index() == 0:  # written beside, then renamed: never a half-saved tokenizer
+        tmp = saved + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tok.save_pretrained(tmp)
+        shutil.rmtree(saved, ignore_errors=True)
+        os.replace(tmp, saved)
+    return tok
+
+
+@dataclasses.dataclass
+class StateSetup:
+    """A sharded train state and everything needed to rebuild or restore it."""
+
+    model_cfg: ModelConfig
+    sharder: Sharder
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    param_shardings: Any
+    state_shardings: Any
+    abstract_state: Any
+    abstract_params: Any
+    make_state: Callable[[Any], TrainState]
+
+    def batch_shardings(self, fields: tuple[str, ...]) -> dict[str, NamedSharding]:
+        return {k: batch_sharding(self.sharder) for k in fields}
+
+
+def setup_state(
+    model_cfg: ModelConfig,
+    sharder: Sharder,
+    config: ml_collections.ConfigDict,
+    init_params_fn: Callable[[jax.Array], Any] | None = None,
+    boxed_abstract: Any = None,
+) -> StateSetup:
+    """Shardings of params and optimizer state, from the abstract init (nothing is allocated here)."""
+    optimizer, schedule = make_optimizer(config.optim, int(config.train.steps))
+    boxed = boxed_abstract if boxed_abstract is not None else abstract_params(model_cfg, sharder)
+    param_shardings = tree_shardings(boxed, sharder)
+    abs_params = nn.meta.unbox(boxed)
+    seed = int(config.seed)
+
+    def make_state(params):
+        return TrainState.create(params, optimizer, seed)
+
+    abstract = jax.eval_shape(make_state, abs_params)
+    replicated = NamedSharding(sharder.mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        abstract.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    state_shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated, frozen=None
+    )
+    abstract_state = checkpoint.abstract_with_shardings(abstract, state_shardings)
+    return StateSetup(
+        model_cfg=model_cfg,
+        sharder=sharder,
+        optimizer=optimizer,
+        schedule=schedule,
+        param_shardings=param_shardings,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        abstract_params=checkpoint.abstract_with_shardings(abs_params, param_shardings),
+        make_state=make_state,
+    )
+
+
+def initial_state(
+    setup: StateSetup,
+    config: ml_collections.ConfigDict,
+    checkpointer: checkpoint.Checkpointer,
+    workdir: str,
+    fresh_params: Callable[[jax.Array], Any] | None = None,
+) -> tuple[TrainState, dict, str]:
+    """Applies the init precedence (checkpoint.initialize) with this stage's shardings."""
+    cfg, sharder = setup.model_cfg, setup.sharder
+    fresh_params = fresh_params or (lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)))
+    fresh = jax.jit(lambda rng: setup.make_state(fresh_params(rng)), out_shardings=setup.state_shardings)
+    from_params = jax.jit(setup.make_state, in_shardings=(setup.param_shardings,), out_shardings=setup.state_shardings)
+    return checkpoint.initialize(
+        workdir,
+        checkpointer,
+        abstract_state=setup.abstract_state,
+        init_from=config.init_from or None,
+        fresh_state=lambda: fresh(jax.random.key(int(config.seed))),
+        state_from_params=from_params,
+        abstract_params=setup.abstract_params,
+        model_cfg=cfg,
+        sharder=sharder,
+    )
+
+
+def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> dict:
+    """What a checkpoint records about its run: the config, and the model in HF terms (for export
+    and for the next stage's init_from)."""
+    return {
+        "config": json.loads(config.to_json_best_effort()),
+        "hf_model_config": to_hf_dict(model_cfg),
+        "runtime": {k: getattr(model_cfg, k) for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit")},
+    }

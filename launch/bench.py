@@ -1,0 +1,203 @@
+"""Steady-state training throughput of a stage preset, after compilation.
+
+    python launch/bench.py --config configs/sft.py:<preset> [--steps 10] [--compare_torch] [--remat_table]
+                           [--config.key=value ...]
+
+Prints a human line, then (last line) one JSON object with tokens_per_s, mfu, packing_efficiency,
+compile_s, step_s, peak_bytes, n_compiles and the model's shape.
+
+Accounting: tokens_per_s counts real (non-pad) tokens; slots_per_s counts every token slot of the
+batch. MFU = training FLOPs of the real tokens / (peak FLOP/s x devices), with training FLOPs per token
+= 6 x (matmul params, LM head included, embedding lookup excluded) + causal attention over each
+token's own segment (align_jax/metrics.py). On CPU there is no meaningful peak: mfu is 0 unless
+--config.train.peak_flops is given.
+
+--compare_torch runs the same model shape and batch through transformers + torch AdamW
+(forward, backward, optimizer step) in the same process and reports the slot-throughput ratio.
+--remat_table compiles the step for remat none/full with k = 1, 2, 4 layers per checkpoint unit and
+reports compiled peak memory and step time for each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import numpy as np
+
+
+def peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    if m is None:
+        return -1
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def time_steps(step_fn, state, batches, n: int) -> tuple[object, float]:
+    for b in batches[:2]:  # warm up: compile and first dispatches
+        state, metrics = step_fn(state, b)
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for i in range(n):
+        state, metrics = step_fn(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics)
+    return state, (time.perf_counter() - t0) / n
+
+
+def bench_sft(config, steps: int, workdir: str) -> dict:
+    from align_jax.metrics import device_peak_flops
+    from align_jax.stages import build
+    from align_jax.stages.sft import SFTRun
+    from align_jax.train import loop
+
+    run = SFTRun(config, workdir)
+    state, _, _ = build.initial_state(run.setup, config, _NoCheckpoints(), workdir)
+    hosts = [next(run.train_iter) for _ in range(min(steps, 8))]
+    from align_jax.data import pipeline
+
+    batches = [pipeline.global_batch(h, run.batch_shardings["tokens"]) for h in hosts]
+    stats = [loop.batch_stats(h) for h in hosts]
+
+    t0 = time.perf_counter()
+    compiled = run.step_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - t0
+    before = run.step_fn._cache_size()
+    state, step_s = time_steps(run.step_fn, state, batches, steps)
+    n_compiles = run.step_fn._cache_size() - before + 1
+
+    real = np.mean([s["real_tokens"] for s in stats])
+    slots = np.mean([s["token_slots"] for s in stats])
+    ctx = float(np.average([s["avg_context"] for s in stats], weights=[s["real_tokens"] for s in stats]))
+    cfg = run.model_cfg
+    peak = float(config.train.peak_flops) or device_peak_flops(jax.devices()[0])
+    flops = run.flops_per_token(ctx) * real / step_s
+    return {
+        "preset_stage": config.stage,
+        "tokens_per_s": real / step_s,
+        "slots_per_s": slots / step_s,
+        "mfu": flops / (peak * jax.device_count()) if peak else 0.0,
+        "tflops_per_s": flops / 1e12,
+        "packing_efficiency": float(run.train_iter.stats().get("packing_efficiency", real / slots)),
+        "batch_fill": real / slots,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "peak_bytes": peak_bytes(compiled),
+        "n_compiles": n_compiles,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "seq_len": int(config.data.seq_len),
+        "batch_size": int(config.data.batch_size),
+        "n_params": cfg.num_params(),
+        "dtype": cfg.dtype,
+        "param_dtype": cfg.param_dtype,
+        "remat_policy": cfg.remat_policy,
+        "layers_per_unit": cfg.layers_per_unit,
+        "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        "_run": run,
+        "_batches": batches,
+        "_state": state,
+    }
+
+
+class _NoCheckpoints:
+    directory = "(bench: none)"
+
+    def latest_step(self):
+        return None
+
+
+def bench_torch(result: dict, steps: int) -> dict:
+    """The same model shape and batch through transformers + torch AdamW, in this process."""
+    import torch
+    import transformers
+
+    from align_jax.models.config import to_hf_dict
+
+    cfg = result["_run"].model_cfg
+    hf_cfg = transformers.AutoConfig.for_model(**to_hf_dict(cfg))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").float().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+    b, t = result["batch_size"], result["seq_len"]
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+
+    def step():
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    step_s = (time.perf_counter() - t0) / steps
+    return {"torch_step_s": step_s, "torch_slots_per_s": b * t / step_s, "torch_threads": torch.get_num_threads()}
+
+
+def remat_table(config, workdir: str) -> list[dict]:
+    rows = []
+    for policy, k in [("none", 1), ("full", 1), ("full", 2), ("full", 4)]:
+        if config.model.num_layers % k:
+            continue
+        c = config.copy_and_resolve_references()
+        c.unlock()
+        c.model.remat_policy, c.model.layers_per_unit = policy, k
+        r = bench_sft(c, steps=3, workdir=os.path.join(workdir, f"remat_{policy}_{k}"))
+        rows.append(
+            {"remat_policy": policy, "layers_per_unit": k, "peak_bytes": r["peak_bytes"], "step_s": r["step_s"]}
+        )
+    return rows
+
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "timed steps after warm-up")
+_TORCH = flags.DEFINE_bool("compare_torch", False, "also time transformers + torch AdamW on the same shape")
+_REMAT = flags.DEFINE_bool("remat_table", False, "compiled peak memory and step time for remat k = 1, 2, 4")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv) -> int:
+    del argv
+    config = _CONFIG.value
+    config.unlock()
+    config.train.progress = False
+    if config.stage != "sft":
+        raise SystemExit(f"bench: stage {config.stage!r} is not benchmarked yet")
+    with tempfile.TemporaryDirectory() as workdir:
+        result = bench_sft(config, _STEPS.value, workdir)
+        if _TORCH.value:
+            result.update(bench_torch(result, max(3, _STEPS.value // 2)))
+            result["slots_ratio_vs_torch"] = result["slots_per_s"] / result["torch_slots_per_s"]
+        if _REMAT.value:
+            result["remat_table"] = remat_table(config, workdir)
+    result = {k: v for k, v in result.items() if not k.startswith("_")}
+    line = (
+        f"{config.stage}: {result['tokens_per_s']:.0f} tok/s ({result['slots_per_s']:.0f} slots/s), step {result['step_s'] * 1e3:.1f} ms, "
+        f"MFU {result['mfu']:.1%}, packing {result['packing_efficiency']:.1%}, compile {result['compile_s']:.1f}s, "
+        f"peak {result['peak_bytes'] / 2**20:.0f} MiB, {result['n_compiles']} compile(s), {result['n_params'] / 1e6:.1f}M params"
+    )
+    if "slots_ratio_vs_torch" in result:
+        line += f" | torch {result['torch_slots_per_s']:.0f} slots/s -> ratio {result['slots_ratio_vs_torch']:.2f}x"
+    print(line)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,50 @@
+"""Runs one stage (or the pipeline) from a config file.
+
+    python launch/train.py --config configs/<stage>.py:<preset> --workdir DIR [--config.key=value ...]
+
+With several processes (TPU pod slices, multi-host GPU), `jax.distributed.initialize()` is called
+first; it reads the coordinator from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _multiprocess() -> bool:
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS") or int(env.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "")
+    return len([h for h in hosts.split(",") if h]) > 1
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import jax
+
+    if _multiprocess():
+        jax.distributed.initialize()
+    from align_jax import stages
+
+    config = _CONFIG.value
+    summary = stages.get(config.stage).run(config, _WORKDIR.value)
+    if jax.process_index() == 0:
+        print(json.dumps({"stage": config.stage, **summary}, default=str))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,159 @@
+"""make_train_step: exact accumulation, packing and sharding invariance, non-finite guard."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+import align_jax as aj
+from align_jax.losses.sft import sft_loss
+from align_jax.models.transformer import Decoder
+from align_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
+from align_jax.train.state import TrainState
+from align_jax.train.step import make_train_step
+
+CFG = aj.ModelConfig(
+    vocab_size=89, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, dtype="float32"
+)
+OPTIM = ml_collections.ConfigDict(
+    dict(
+        lr=1e-2,
+        schedule="cosine",
+        warmup_steps=2,
+        min_lr_ratio=0.1,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        clip_norm=1.0,
+    )
+)
+
+
+def examples(n=6, seed=0):
+    """(tokens, loss_mask) pairs of different lengths; the first 2 tokens of each are 'prompt'."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(4, 12))
+        toks = rng.integers(3, CFG.vocab_size, size=length).astype(np.int32)
+        mask = np.ones(length, np.int32)
+        mask[:2] = 0
+        out.append((toks, mask))
+    return out
+
+
+def rows(groups, seq_len):
+    """A batch where each row packs one group of examples."""
+    b = {k: np.zeros((len(groups), seq_len), np.int32) for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+    for r, group in enumerate(groups):
+        at = 0
+        for s, (toks, mask) in enumerate(group):
+            n = len(toks)
+            b["tokens"][r, at : at + n] = toks
+            b["positions"][r, at : at + n] = np.arange(n)
+            b["segment_ids"][r, at : at + n] = s + 1
+            b["loss_mask"][r, at : at + n] = mask
+            at += n
+    return {k: jnp.asarray(v) for k, v in b.items()}
+
+
+def new_state(optimizer, sharder=aj.Sharder()):
+    params = aj.init_params(CFG, jax.random.key(0), sharder)
+    return TrainState.create(params, optimizer, seed=0)
+
+
+def one_step(batch, microbatches=1, sharder=aj.Sharder(), state_shardings=None):
+    optimizer, _ = make_optimizer(OPTIM, total_steps=10)
+    loss_fn = functools.partial(sft_loss, model=Decoder(CFG, sharder))
+    step = make_train_step(loss_fn, optimizer, microbatches=microbatches, state_shardings=state_shardings, donate=False)
+    state = new_state(optimizer, sharder)
+    return step(state, batch)
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b)
+
+
+def test_packed_equals_unpacked():
+    ex = examples()
+    unpacked = rows([[e] for e in ex], seq_len=12)
+    packed = rows([ex[:3], ex[3:]], seq_len=40)
+    s1, m1 = one_step(unpacked)
+    s2, m2 = one_step(packed)
+    assert float(m1["weight"]) == float(m2["weight"]) == sum(int(m[1:].sum()) for _, m in ex)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m2["grad_norm"], rtol=1e-5)
+    assert_trees_close(s1.params, s2.params)
+
+
+@pytest.mark.parametrize("microbatches", [2, 4])
+def test_microbatches_equal_full_batch(microbatches):
+    # Rows hold different numbers of target tokens, so a mean of microbatch means would differ.
+    batch = rows([[e] for e in examples(8, seed=1)], seq_len=12)
+    full_state, full = one_step(batch)
+    acc_state, acc = one_step(batch, microbatches=microbatches)
+    np.testing.assert_allclose(acc["loss"], full["loss"], rtol=1e-6)
+    np.testing.assert_allclose(acc["grad_norm"], full["grad_norm"], rtol=1e-5)
+    np.testing.assert_allclose(acc["accuracy"], full["accuracy"], rtol=1e-6)
+    assert_trees_close(acc_state.params, full_state.params)
+    assert_trees_close(acc_state.opt_state, full_state.opt_state)
+
+
+def test_sharded_step_equals_single_device():
+    from align_jax.stages.build import setup_state
+
+    batch = rows([[e] for e in examples(8, seed=2)], seq_len=12)
+    ref_state, ref = one_step(batch)
+    sharder = aj.Sharder(aj.make_mesh({"fsdp": 2, "tensor": 4}))
+    cfg = ml_collections.ConfigDict(dict(optim=OPTIM, train=dict(steps=10), seed=0))
+    setup = setup_state(CFG, sharder, cfg)
+    assert setup.param_shardings["layers"]["stack"]["mlp"]["up_proj"]["kernel"].spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor"
+    )
+    state, metrics = one_step(batch, sharder=sharder, state_shardings=setup.state_shardings)
+    np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-6)
+    assert_trees_close(jax.device_get(state.params), ref_state.params)
+    mu = state.opt_state[1][0].mu["layers"]["stack"]["mlp"]["up_proj"]["kernel"]
+    assert mu.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")  # optimizer state sharded too
+
+
+def test_non_finite_step_keeps_params():
+    batch = rows([[e] for e in examples(2)], seq_len=12)
+    optimizer, _ = make_optimizer(OPTIM, total_steps=10)
+
+    def nan_loss(params, batch, rng):
+        loss_sum, w, m = sft_loss(params, batch, rng, model=Decoder(CFG))
+        return loss_sum * jnp.nan, w, m
+
+    state = new_state(optimizer)
+    new, metrics = make_train_step(nan_loss, optimizer, donate=False)(state, batch)
+    assert int(metrics["finite"]) == 0
+    assert_trees_close(new.params, state.params, rtol=0, atol=0)
+    assert int(new.step) == 1
+
+
+def test_decay_mask_and_schedule():
+    params = aj.init_params(CFG.replace(qkv_bias=True), jax.random.key(0))
+    mask = decay_mask(params)
+    assert mask["layers"]["stack"]["input_norm"]["scale"] is False
+    assert mask["layers"]["stack"]["attn"]["q_proj"]["bias"] is False
+    assert mask["layers"]["stack"]["attn"]["q_proj"]["kernel"] is True
+    sched = learning_rate_schedule(OPTIM, total_steps=10)
+    assert float(sched(0)) == 0.0 and float(sched(2)) == pytest.approx(1e-2)
+    assert float(sched(10)) == pytest.approx(1e-3, rel=1e-4)  # decays to lr * min_lr_ratio
+    lin = learning_rate_schedule(ml_collections.ConfigDict({**OPTIM.to_dict(), "schedule": "linear"}), 10)
+    assert float(lin(6)) == pytest.approx(1e-2 - 0.5 * 9e-3)
+    # No weight decay reaches a norm scale: with zero gradient it stays exactly where it was.
+    opt, _ = make_optimizer(ml_collections.ConfigDict({**OPTIM.to_dict(), "warmup_steps": 0}), total_steps=10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    assert float(jnp.abs(updates["layers"]["stack"]["input_norm"]["scale"]).max()) == 0.0
+    assert float(jnp.abs(updates["layers"]["stack"]["mlp"]["up_proj"]["kernel"]).max()) > 0.0
+    assert isinstance(opt, optax.GradientTransformation)
