@@ -23,7 +23,17 @@ def run_config(**top):
     c.seed = 0
     c.init_from = top.get("init_from", "")
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-3, schedule="constant", warmup_steps=0, min_lr_ratio=1.0, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=0.0)
+        dict(
+            lr=1e-3,
+            schedule="constant",
+            warmup_steps=0,
+            min_lr_ratio=1.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.0,
+            clip_norm=0.0,
+        )
     )
     c.train = ml_collections.ConfigDict(dict(steps=10))
     return c

@@ -211,5 +211,8 @@ def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> d
     return {
         "config": json.loads(config.to_json_best_effort()),
         "hf_model_config": to_hf_dict(model_cfg),
-        "runtime": {k: getattr(model_cfg, k) for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit")},
+        "runtime": {
+            k: getattr(model_cfg, k)
+            for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit")
+        },
     }
