@@ -58,13 +58,22 @@ class Checkpointer:
         best_mode: str = "min",
         async_save: bool = True,
     ):
+        policies = ocp.checkpoint_managers
+        keep_policy = policies.LatestN(n=keep)
+        if best_metric:
+            # The last `keep` steps, plus the best one by `best_metric` (BestN keeps the top of an
+            # ascending sort, so "min" sorts descending).
+            best = policies.BestN(
+                get_metric_fn=lambda m: m[best_metric],
+                reverse=best_mode == "min",
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            )
+            keep_policy = policies.AnyPreservationPolicy([keep_policy, best])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            preservation_policy=keep_policy,
             best_fn=(lambda m: m[best_metric]) if best_metric else None,
             best_mode=best_mode,
-            # Keep-the-best ranks steps by their metric; steps saved without one (e.g. the
-            # preemption save) must not be deleted for lacking it.
-            keep_checkpoints_without_metrics=True,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -73,6 +82,12 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict | None, config: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(

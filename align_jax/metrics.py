@@ -95,6 +95,18 @@ class MetricsWriter:
             except ImportError:
                 log.warning("wandb is not installed; metrics go to metrics.jsonl and TensorBoard only")
 
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past `step`: after a resume those steps run again, and the file should hold one
+        history, not the killed run's tail followed by its replay."""
+        if not self.enabled or not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(rows)
+        os.replace(tmp, self.path)
+
     def write(self, step: int, scalars: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -34,6 +34,8 @@ def _multiprocess() -> bool:
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     import jax
 
     if _multiprocess():

@@ -110,3 +110,14 @@ def test_bad_init_from(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         build.initial_state(s, run_config(init_from=str(tmp_path / "empty")), ck, str(tmp_path / "w"))
     ck.close()
+
+
+def test_keeps_last_n_and_the_best(tmp_path):
+    s = setup({"data": 8})
+    ck = checkpoint.Checkpointer(str(tmp_path), keep=2, best_metric="eval_loss", async_save=False)
+    state, _, _ = build.initial_state(s, run_config(), ck, str(tmp_path))
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0), (4, None), (5, 2.5)]:
+        ck.save(step, state, {}, {}, metrics=None if loss is None else {"eval_loss": loss})
+    ck.wait()
+    assert ck.all_steps() == [2, 4, 5] and ck.best_step() == 2
+    ck.close()

@@ -15,6 +15,7 @@ import numpy as np
 
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path, validate
+from align_jax.data import pipeline
 from align_jax.losses.sft import sft_loss
 from align_jax.metrics import MetricsWriter, flops_per_token
 from align_jax.models.transformer import Decoder
@@ -27,10 +28,12 @@ log = logging.getLogger(__name__)
 BATCH_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
-def data_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    d = ml_collections.ConfigDict(config.data.to_dict())
-    d.train = resolve_data_path(d.train)
-    d.eval = resolve_data_path(d.eval) if d.eval else ""
+def data_config(config: ml_collections.ConfigDict) -> dict:
+    """config.data as the data pipeline's SFTDataConfig keys (`eval_batches` is the loop's, not its)."""
+    d = config.data.to_dict()
+    d.pop("eval_batches")
+    d["train"] = resolve_data_path(d["train"])
+    d["eval"] = resolve_data_path(d["eval"]) if d["eval"] else None
     return d
 
 
@@ -38,8 +41,6 @@ class SFTRun:
     """Everything an SFT run is made of; `launch/bench.py` builds one too, to time its step."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        from align_jax.data import pipeline
-
         validate(config)
         self.config, self.workdir = config, workdir
         os.makedirs(workdir, exist_ok=True)
@@ -59,27 +60,26 @@ class SFTRun:
         )
         self.data_cfg = data_config(config)
         self.train_iter = pipeline.make_sft_iterator(self.data_cfg, self.tokenizer, split="train")
+        # Built once: it tokenises and packs the eval split on first use and keeps the rows.
+        self.eval_batches = (
+            pipeline.make_sft_iterator(self.data_cfg, self.tokenizer, split="eval") if self.data_cfg["eval"] else None
+        )
         self._eval_step = jax.jit(
             lambda params, batch: self.loss_fn(params, batch, jax.random.key(0)),
             in_shardings=(self.setup.param_shardings, self.batch_shardings),
         )
 
     def next_batch(self) -> tuple[dict[str, jax.Array], dict]:
-        from align_jax.data import pipeline
-
         host = next(self.train_iter)
         return pipeline.global_batch(host, self.batch_shardings["tokens"]), loop.batch_stats(host)
 
     def evaluate(self, params: Any) -> dict[str, float]:
         """Loss over the eval split (or `data.eval_batches` batches of it), summed then divided once."""
-        from align_jax.data import pipeline
-
-        if not self.data_cfg.eval:
+        if self.eval_batches is None:
             return {}
-        it = pipeline.make_sft_iterator(self.data_cfg, self.tokenizer, split="eval")
         limit = int(self.config.data.eval_batches) or None
         loss_sum, weight, sums = 0.0, 0.0, {}
-        for i, host in enumerate(it):
+        for i, host in enumerate(self.eval_batches):
             if limit is not None and i >= limit:
                 break
             ls, w, metrics = jax.device_get(
@@ -111,11 +111,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(
         workdir, tensorboard=bool(config.metrics.tensorboard), wandb_project=config.metrics.wandb_project or None
     )
+    writer.truncate_after(start)
     hooks = loop.LoopHooks(
         step_fn=r.step_fn,
         next_batch=r.next_batch,
         data_state=r.train_iter.state,
-        evaluate=r.evaluate if r.data_cfg.eval else None,
+        evaluate=r.evaluate if r.eval_batches is not None else None,
         flops_per_token=r.flops_per_token,
         config_json=build.saved_config(config, r.model_cfg),
         extra_metrics=lambda: {f"data/{k}": v for k, v in r.train_iter.stats().items() if isinstance(v, (int, float))},

@@ -163,15 +163,17 @@ class _Window:
         self.real_tokens = 0
         self.slots = 0
         self.context_sum = 0.0
+        self.fingerprint = 0
 
     def add(self, stats: dict) -> None:
         self.steps += 1
+        self.fingerprint = stats.get("fingerprint", 0)
         self.real_tokens += int(stats.get("real_tokens", 0))
         self.slots += int(stats.get("token_slots", 0))
         self.context_sum += float(stats.get("avg_context", 0.0)) * int(stats.get("real_tokens", 0))
 
     def rates(self, elapsed: float, flops_fn, peak: float, n_dev: int) -> dict[str, float]:
-        out = {"step_s": elapsed / max(self.steps, 1)}
+        out = {"step_s": elapsed / max(self.steps, 1), "batch_fingerprint": float(self.fingerprint)}
         if elapsed <= 0 or not self.slots:
             return out
         out["tokens_per_s"] = self.real_tokens / elapsed
@@ -190,4 +192,13 @@ def batch_stats(host_batch: dict[str, np.ndarray]) -> dict[str, float]:
 
     seg = host_batch["segment_ids"]
     real = int((seg > 0).sum())
-    return {"real_tokens": real, "token_slots": int(seg.size), "avg_context": mean_causal_context(seg)}
+    # Identifies the batch's examples (a resumed run must see the same ones in the same order).
+    tokens = host_batch["tokens"].astype(np.int64)
+    weights = np.arange(1, tokens.size + 1, dtype=np.int64).reshape(tokens.shape) % 65521
+    fingerprint = int((tokens * weights).sum() % 2147483647)
+    return {
+        "real_tokens": real,
+        "token_slots": int(seg.size),
+        "avg_context": mean_causal_context(seg),
+        "fingerprint": fingerprint,
+    }

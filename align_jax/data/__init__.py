@@ -1,0 +1,45 @@
+"""SFT data: raw rows -> canonical chats -> tokens and loss masks -> packed rows -> sharded batches.
+
+formats.py   raw rows (messages / ShareGPT / Alpaca / prompt-completion) -> canonical records
+sources.py   random-access rows from JSONL / JSON / Parquet files, HF datasets, TFDS
+tokenize.py  chat template rendering and the assistant loss mask
+packing.py   best-fit-decreasing packing into fixed-shape rows
+pipeline.py  shuffling, host sharding, resumable iteration, global batch assembly
+bpe.py       small locally trained byte-level BPE tokenizers with real chat templates (demo, tests)
+demo/        the bundled demo chats and the seeded script that writes them
+"""
+
+import os
+
+from align_jax.data.bpe import train_tokenizer
+from align_jax.data.formats import BadRowError, Origin, detect_format, to_record
+from align_jax.data.packing import Packer, PackingStats, pack_window
+from align_jax.data.pipeline import EvalBatches, SFTDataConfig, SFTIterator, global_batch, make_sft_iterator
+from align_jax.data.sources import open_source
+from align_jax.data.tokenize import TemplateError, tokenize_chat
+
+DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+DEMO_TRAIN = os.path.join(DEMO_DIR, "sft_train.jsonl")
+DEMO_EVAL = os.path.join(DEMO_DIR, "sft_eval.jsonl")
+
+__all__ = [
+    "DEMO_DIR",
+    "DEMO_EVAL",
+    "DEMO_TRAIN",
+    "BadRowError",
+    "EvalBatches",
+    "Origin",
+    "Packer",
+    "PackingStats",
+    "SFTDataConfig",
+    "SFTIterator",
+    "TemplateError",
+    "detect_format",
+    "global_batch",
+    "make_sft_iterator",
+    "open_source",
+    "pack_window",
+    "to_record",
+    "tokenize_chat",
+    "train_tokenizer",
+]

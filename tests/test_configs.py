@@ -1,0 +1,61 @@
+"""Every preset of every config file builds and validates."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+
+import pytest
+
+from align_jax.config import ConfigValueError, validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "configs")
+
+
+def load_preset(stage: str, preset: str):
+    spec = importlib.util.spec_from_file_location(f"configs_{stage}", os.path.join(CONFIG_DIR, f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def presets(stage: str) -> list[str]:
+    """The presets a config file documents in its docstring (lines of the form `  name   text`)."""
+    spec = importlib.util.spec_from_file_location(f"doc_{stage}", os.path.join(CONFIG_DIR, f"{stage}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    doc = module.__doc__.split("Presets:")[1]
+    return re.findall(r"^  (\w+) ", doc, flags=re.M)
+
+
+STAGES = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py"))
+CASES = [(s, p) for s in STAGES for p in presets(s)]
+
+
+@pytest.mark.parametrize(("stage", "preset"), CASES, ids=[f"{s}:{p}" for s, p in CASES])
+def test_preset_builds_and_validates(stage, preset):
+    config = load_preset(stage, preset)
+    validate(config)
+    assert config.is_locked
+
+
+def test_sft_has_its_presets():
+    assert set(presets("sft")) >= {"tiny", "small30m", "llama3_8b", "qwen2_7b", "llama3_70b"}
+
+
+def test_unknown_key_and_bad_value_fail_early():
+    config = load_preset("sft", "tiny")
+    with pytest.raises(AttributeError):
+        config.train.stpes = 10  # locked: a typo is an error, not a new key
+    config.data.batch_size = 6
+    config.train.microbatches = 4
+    with pytest.raises(ConfigValueError, match=r"batch_size=6 is not divisible by config.train.microbatches=4"):
+        validate(config)
+    config.train.microbatches = 1
+    config.model.remat_policy = "sometimes"
+    with pytest.raises(ConfigValueError, match="model.remat_policy='sometimes'"):
+        validate(config)
+    with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
+        load_preset("sft", "huge")
