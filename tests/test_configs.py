@@ -55,7 +55,7 @@ def test_unknown_key_and_bad_value_fail_early():
         validate(config)
     config.train.microbatches = 1
     config.model.remat_policy = "sometimes"
-    with pytest.raises(ConfigValueError, match="model.remat_policy='sometimes'"):
+    with pytest.raises(ConfigValueError, match=r"model\.remat_policy='sometimes'"):
         validate(config)
     with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
         load_preset("sft", "huge")
