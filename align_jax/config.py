@@ -53,6 +53,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.model.attention_impl = "auto"
     c.model.remat_policy = "none"
     c.model.layers_per_unit = 1
+    c.model.scan_unroll = 1  # num_layers = fully unrolled (small models on CPU)
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""  # path, glob, "demo:NAME" (bundled data) or a datasets name

@@ -34,6 +34,7 @@ def get_config(arg: str = "tiny"):
             vocab_size=512, hidden_size=128, intermediate_size=352, num_layers=4, num_heads=4, num_kv_heads=2
         )
         c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower than fp32
+        c.model.scan_unroll = 4  # unrolled: no stacked per-layer residual buffers (faster on CPU)
         c.data.update(seq_len=256, batch_size=16)
         c.optim.update(lr=3e-3, warmup_steps=20, min_lr_ratio=0.05)
         c.train.update(steps=300, log_every=20, eval_every=100, ckpt_every=100)

@@ -1,10 +1,18 @@
-"""Best-fit-decreasing packing of tokenised examples into fixed-shape rows.
+"""Packing of tokenised examples into fixed-shape rows, as few as it can find, window by window.
 
-A stream of examples is cut into windows; each window is packed on its own: its examples sorted by
-length (longest first, ties in arrival order) and each put into the open row with the least room that
-still fits it, or a new row. Packing window by window keeps memory bounded, makes every row a pure
-function of one window's examples (which is what lets the pipeline resume mid-epoch by re-packing a
-single window), and with ~1000-example windows wastes well under 1% of the slots.
+A stream of examples is cut into windows; each window is packed on its own. Packing window by window
+keeps memory bounded and makes every row a pure function of one window's examples in order (which is
+what lets the pipeline resume mid-epoch by re-packing a single window).
+
+A window is packed row by row, each row filled as exactly as possible: it opens with the longest
+example left, takes examples in a fixed pseudo-random order while it has plenty of room (so rows, and
+what is left for the later rows, stay a representative mix of lengths), then is closed with one, two or
+three examples that fill its room exactly, found with bitsets of the lengths left; failing that, with
+the longest example that still leaves room for another, and again. Rows that all fill exactly leave only
+the last one partly empty. If the rows are more than a lower bound on how few there can be, the window
+is packed again in up to seven other fixed orders, and then best-fit-decreasing; the fewest rows win.
+With ~1000-example windows this wastes well under 1% of the slots on chat-sized and log-normal length
+mixes, within a row of the bound in nearly every window.
 
 Each row is `seq_len` long:
   tokens       int32  the packed sequences, then padding (0)
@@ -23,6 +31,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 OVER_LONG = ("truncate", "drop")
+# Bumped whenever the placement changes: a saved iterator position is only exact under the packer
+# that produced it, so the pipeline records this in its state and refuses a mismatch.
+PACKER_VERSION = 2
 FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids [L], loss_mask [L])
 Row = dict[str, np.ndarray]
@@ -76,21 +87,31 @@ def _fit(example: Example, seq_len: int, over_long: str, stats: PackingStats) ->
     return ids, mask
 
 
-def pack_window(
-    examples: Sequence[Example], seq_len: int, over_long: str = "truncate"
-) -> tuple[list[Row], PackingStats]:
-    """Packs one window of examples best-fit-decreasing. Returns the rows (in the order they were
-    opened) and this window's stats. Deterministic for the same examples in the same order."""
-    if over_long not in OVER_LONG:
-        raise ValueError(f"over_long={over_long!r}; expected one of {OVER_LONG}")
-    stats = PackingStats()
-    kept = [ex for ex in (_fit(e, seq_len, over_long, stats) for e in examples) if ex is not None]
-    order = sorted(range(len(kept)), key=lambda i: (-len(kept[i][0]), i))
+# Odd 32-bit multipliers: each hashes example indices into one fixed pseudo-random order (see _fill_rows).
+_ORDERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F, 0x165667B1, 0xFD7046C5, 0xB55A4F09, 0xE6546B65)
+# While a row has more room than this many of the longest unplaced examples, it takes examples in the
+# pseudo-random order; below it, it is closed with exact completions.
+_SAMPLE_ABOVE = 3
+# Most first members tried when looking for three examples that fill a row's room exactly.
+_MAX_TRIPLES = 64
 
-    rows: list[list[int]] = []  # example indices per row, in placement order
+
+def _lower_bound(lengths: Sequence[int], seq_len: int) -> int:
+    """No packing has fewer rows: the tokens must fit, no two examples longer than half a row share one,
+    and no row holds more examples than the most of the shortest that fit together."""
+    if not lengths:
+        return 0
+    ascending = np.sort(np.asarray(lengths, np.int64))
+    most = int(np.searchsorted(np.cumsum(ascending), seq_len, side="right"))
+    return max(-(-int(ascending.sum()) // seq_len), int((2 * ascending > seq_len).sum()), -(-len(lengths) // most))
+
+
+def _best_fit_decreasing(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Longest first, each into the open row with the least room that still fits it, or a new row."""
+    rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index) of rows with room, sorted
-    for i in order:
-        length = len(kept[i][0])
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[i]
         k = bisect.bisect_left(free, (length, -1))
         if k < len(free):
             room, r = free.pop(k)
@@ -98,8 +119,133 @@ def pack_window(
             room, r = seq_len, len(rows)
             rows.append([])
         rows[r].append(i)
-        if room - length > 0:
+        if room > length:
             bisect.insort(free, (room - length, r))
+    return rows
+
+
+def _fill_rows(lengths: Sequence[int], seq_len: int, multiplier: int) -> list[list[int]]:
+    """Fills rows one at a time, each as exactly as it can (see the module docstring).
+
+    The unplaced examples are kept by length: `count[n]` of length n, `have` with bit n set while there
+    are any, and `mirror` with bit seq_len - n set likewise, so the lengths a with a and r - a both
+    present are the set bits of `have & (mirror >> (seq_len - r))`: one shift and one and."""
+    count = [0] * (seq_len + 1)
+    waiting: dict[int, list[int]] = {}  # length -> unplaced examples of it, latest first
+    for i in range(len(lengths) - 1, -1, -1):
+        count[lengths[i]] += 1
+        waiting.setdefault(lengths[i], []).append(i)
+    have = mirror = 0
+    for n in waiting:
+        have |= 1 << n
+        mirror |= 1 << (seq_len - n)
+    shortest, longest = min(waiting, default=0), max(waiting, default=0)  # of the unplaced examples
+    # The sampling order: example indices hashed by the multiplier (Knuth's multiplicative hashing).
+    keys = (np.arange(len(lengths), dtype=np.uint64) * np.uint64(multiplier)) & np.uint64(0xFFFFFFFF)
+    stream = np.asarray(lengths)[np.argsort(keys, kind="stable")].tolist()
+    next_sample = 0
+    left = len(lengths)
+    rows: list[list[int]] = []
+
+    def take(n: int, row: list[int]) -> None:
+        nonlocal have, mirror, left, shortest, longest
+        row.append(waiting[n].pop())
+        count[n] -= 1
+        left -= 1
+        if not count[n]:
+            have ^= 1 << n
+            mirror ^= 1 << (seq_len - n)
+            if n == shortest:
+                shortest = (have & -have).bit_length() - 1
+            if n == longest:
+                longest = have.bit_length() - 1
+
+    def pair(r: int, used: int = 0) -> tuple[int, int] | None:
+        """The most even two lengths a >= b present with a + b = r (beside one example of length `used`)."""
+        half = (r + 1) // 2
+        both = (have & (mirror >> (seq_len - r))) >> half
+        while both:
+            low = both & -both
+            both ^= low
+            a = half + low.bit_length() - 1
+            b = r - a
+            if count[a] - (a == used) - (a == b) > 0 and count[b] - (b == used) > 0:
+                return a, b
+        return None
+
+    while left:
+        row: list[int] = []
+        room = seq_len - longest
+        take(longest, row)
+        # Sampling: representative rows keep the unplaced examples representative too, so the last rows
+        # still have a mix of lengths to fill exactly with.
+        while left and next_sample < len(stream):
+            n = stream[next_sample]
+            if not count[n]:  # every example of this length is placed already
+                next_sample += 1
+                continue
+            if room <= _SAMPLE_ABOVE * longest or n > room - shortest:
+                break
+            next_sample += 1
+            take(n, row)
+            room -= n
+        # Closing: one, two or three examples that fill the room exactly, else the longest that leaves
+        # room for another (else just the longest that fits), and again.
+        while left and room >= shortest:
+            if count[room]:
+                take(room, row)
+                break
+            found = pair(room)
+            if found is None and room >= 3 * shortest:
+                # A triple: a first member a, longest first, then the most even pair for room - a.
+                firsts = have & ((2 << (room - 2 * shortest)) - 1)
+                for _ in range(_MAX_TRIPLES):
+                    if not firsts:
+                        break
+                    a = firsts.bit_length() - 1
+                    firsts ^= 1 << a
+                    rest = pair(room - a, a)
+                    if rest is not None:
+                        found = (a, *rest)
+                        break
+            if found is not None:
+                for n in found:
+                    take(n, row)
+                break
+            fits = have & ((2 << (room - shortest)) - 1) if room >= 2 * shortest else 0
+            n = (fits or have & ((2 << room) - 1)).bit_length() - 1
+            take(n, row)
+            room -= n
+        rows.append(row)
+    return rows
+
+
+def _assign(lengths: Sequence[int], seq_len: int) -> list[list[int]]:
+    """Rows of example indices, as few as it finds: exact filling in each fixed order until one reaches the
+    lower bound, with best-fit-decreasing as the fallback; ties go to the earlier."""
+    bound = _lower_bound(lengths, seq_len)
+    best: list[list[int]] | None = None
+    for multiplier in _ORDERS:
+        rows = _fill_rows(lengths, seq_len, multiplier)
+        if best is None or len(rows) < len(best):
+            best = rows
+        if len(best) <= bound:
+            return best
+    rows = _best_fit_decreasing(lengths, seq_len)
+    return rows if best is None or len(rows) < len(best) else best
+
+
+def pack_window(
+    examples: Sequence[Example], seq_len: int, over_long: str = "truncate"
+) -> tuple[list[Row], PackingStats]:
+    """Packs one window of examples into as few rows as it finds (see the module docstring). Returns the
+    rows (in the order they were filled) and this window's stats. Deterministic for the same examples in
+    the same order."""
+    if over_long not in OVER_LONG:
+        raise ValueError(f"over_long={over_long!r}; expected one of {OVER_LONG}")
+    stats = PackingStats()
+    kept = [ex for ex in (_fit(e, seq_len, over_long, stats) for e in examples) if ex is not None]
+    rows = _assign([len(ids) for ids, _ in kept], seq_len)
 
     out = []
     for members in rows:

@@ -33,7 +33,16 @@ import jax
 import numpy as np
 
 from align_jax.data.formats import FORMATS, BadRowError, to_record
-from align_jax.data.packing import FIELDS, OVER_LONG, Example, PackingStats, Row, empty_rows, pack_window
+from align_jax.data.packing import (
+    FIELDS,
+    OVER_LONG,
+    PACKER_VERSION,
+    Example,
+    PackingStats,
+    Row,
+    empty_rows,
+    pack_window,
+)
 from align_jax.data.sources import RowSource, open_source
 from align_jax.data.tokenize import LOSS_ON, TemplateError, end_of_turn_ids, tokenize_chat
 
@@ -251,6 +260,7 @@ class SFTIterator:
             "format": c.format,
             "loss_on": c.loss_on,
             "over_long": c.over_long,
+            "packer": PACKER_VERSION,
             # on_bad_row is left out on purpose: after a run stops on a bad row, resuming with "skip" is
             # exact (no row was skipped before), and it is the natural fix.
         }

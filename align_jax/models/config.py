@@ -62,6 +62,9 @@ class ModelConfig:
     attention_impl: str = "auto"
     remat_policy: str = "none"
     layers_per_unit: int = 1  # multi-layer checkpointing: one remat unit covers k layers
+    # Unrolling of the layer scan (1 = a rolled loop). Unrolled, XLA skips stacking each layer's saved
+    # activations into [L, ...] buffers: faster for small models on CPU; big models keep 1 for compile time.
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -84,6 +87,8 @@ class ModelConfig:
             bad(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
         if self.layers_per_unit <= 0 or self.num_layers % self.layers_per_unit:
             bad(f"layers_per_unit={self.layers_per_unit} must divide num_layers={self.num_layers}")
+        if self.scan_unroll < 1:
+            bad(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
         for name in ("param_dtype", "dtype"):

@@ -35,10 +35,14 @@ def inv_frequencies(head_dim: int, theta: float, scaling: tuple | None) -> np.nd
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates q or k by the angle `position * inv_freq`; the angle is float32, the result x's dtype."""
+    """Rotates q or k by the angle `position * inv_freq`; the angle is float32, the result x's dtype.
+
+    Written on the two halves (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), which is HF's
+    `x * cos + rotate_half(x) * sin` without building the negated, concatenated copy of x (that copy
+    and its backward were a visible share of the CPU step)."""
     angles_BTF = positions_BT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
-    angles_BTH = jnp.concatenate([angles_BTF, angles_BTF], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles_BTH).astype(x_BTNH.dtype), jnp.sin(angles_BTH).astype(x_BTNH.dtype)
+    cos = jnp.cos(angles_BTF)[:, :, None, :].astype(x_BTNH.dtype)
+    sin = jnp.sin(angles_BTF)[:, :, None, :].astype(x_BTNH.dtype)
     half = x_BTNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    return x_BTNH * cos + rotated * sin
+    x1, x2 = x_BTNH[..., :half], x_BTNH[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -104,7 +104,8 @@ class Attention(nn.Module):
         kk = self.sharder.constrain(kk, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = self.sharder.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-        ctx = checkpoint_name(attention(q, kk, v, mask_BTS, impl=cfg.attention_impl), "attn_context")
+        ctx = attention(q, kk, v, mask_BTS, impl=cfg.attention_impl, aligned=True, sliding_window=cfg.sliding_window)
+        ctx = checkpoint_name(ctx, "attn_context")
         o_proj = Linear(
             cfg, (n, h, e), ("heads", "head_dim", "embed"), "btnh,nhe->bte", n_in=2, use_bias=cfg.o_bias, name="o_proj"
         )
@@ -142,13 +143,14 @@ class Block(nn.Module):
         return self.sharder.constrain(x_BTE, BTE), None
 
 
-def _scan(module_cls, length: int):
+def _scan(module_cls, length: int, unroll: int = 1):
     return nn.scan(
         module_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast),
         length=length,
+        unroll=min(unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -170,7 +172,7 @@ class Unit(nn.Module):
         layer = Block
         if cfg.remat_policy != "none" and cfg.layers_per_unit > 1:
             layer = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        block = _scan(layer, cfg.layers_per_unit)(cfg, self.sharder, name="unit")
+        block = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll)(cfg, self.sharder, name="unit")
         x_BTE, _ = block(x_BTE, positions_BT, mask_BTS)
         return x_BTE, None
 
@@ -225,7 +227,8 @@ class LayerStack(nn.Module):
         unit = Unit
         if cfg.remat_policy != "none":
             unit = nn.remat(Unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        stack = _scan(unit, cfg.num_layers // cfg.layers_per_unit)
+        n_units = cfg.num_layers // cfg.layers_per_unit
+        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit))
         trans_in, trans_out = _layers_to_units(cfg)
         stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
         x_BTE, _ = stack(cfg, self.sharder, name="stack")(x_BTE, positions_BT, mask_BTS)

@@ -46,6 +46,7 @@ def runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
         attention_impl=m.attention_impl,
         remat_policy=m.remat_policy,
         layers_per_unit=m.layers_per_unit,
+        scan_unroll=m.scan_unroll,
     )
 
 
@@ -213,6 +214,6 @@ def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> d
         "hf_model_config": to_hf_dict(model_cfg),
         "runtime": {
             k: getattr(model_cfg, k)
-            for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit")
+            for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit", "scan_unroll")
         },
     }

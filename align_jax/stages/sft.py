@@ -119,6 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evaluate=r.evaluate if r.eval_batches is not None else None,
         flops_per_token=r.flops_per_token,
         config_json=build.saved_config(config, r.model_cfg),
+        learning_rate=r.setup.schedule,
         extra_metrics=lambda: {f"data/{k}": v for k, v in r.train_iter.stats().items() if isinstance(v, (int, float))},
     )
     loop_cfg = loop.LoopConfig(

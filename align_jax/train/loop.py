@@ -50,6 +50,7 @@ class LoopHooks:
     evaluate: Callable[[Any], dict[str, float]] | None = None
     flops_per_token: Callable[[float], float] | None = None  # avg causal context -> training FLOPs/token
     config_json: dict = dataclasses.field(default_factory=dict)
+    learning_rate: Callable[[int], float] | None = None  # the schedule, to log the rate of each step
     extra_metrics: Callable[[], dict[str, float]] | None = None  # e.g. packing efficiency so far
 
 
@@ -126,6 +127,8 @@ def run(
                 pending = None
                 elapsed = time.perf_counter() - t_window
                 row = {k: float(np.asarray(v)) for k, v in host.items() if k != "finite"}
+                if hooks.learning_rate is not None:
+                    row["learning_rate"] = float(hooks.learning_rate(step - 1))  # the rate step `step` used
                 row.update(window.rates(elapsed, hooks.flops_per_token, peak, n_dev))
                 if hooks.extra_metrics is not None:
                     row.update(hooks.extra_metrics())

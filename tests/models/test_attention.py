@@ -85,6 +85,7 @@ def test_causal_and_segment_isolated_through_gradients(sliding_window):
 
 
 def random_qkv(b=2, t=16, n=4, k=2, h=8, seed=0, dtype=jnp.float32):
+    """q, k, v and a 2-segment + padding layout (the layout holds for t=16; longer t use their own)."""
     ks = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(ks[0], (b, t, n, h), dtype)
     kk = jax.random.normal(ks[1], (b, t, k, h), dtype)
@@ -148,3 +149,25 @@ def test_forward_rejects_bad_shapes():
     with pytest.raises(ValueError, match="segment_ids has shape"):
         aj.forward(CFG, params, np.ones((1, 8), np.int32), segment_ids=np.ones((1, 7), np.int32))
     assert default_positions(jnp.ones((2, 3), jnp.int32)).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+@pytest.mark.parametrize(("t", "window"), [(256, None), (256, 40), (96, 7), (80, None)])
+def test_blocked_causal_equals_full(t, window):
+    """Skipping masked key blocks changes nothing: values and gradients equal the full computation."""
+    q, k, v, _, idx = random_qkv(t=t)
+    seg = jnp.asarray(np.repeat([np.arange(t) // 37 + 1], 2, axis=0), jnp.int32)
+    mask = attn.make_mask(seg, seg, idx, idx, window)
+    assert attn.causal_block_size(t) is not None or t == 80  # 80 = 8 blocks of 10 < 32: falls back
+    scale = q.shape[-1] ** -0.5
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    full = jax.value_and_grad(loss(lambda q, k, v: attn.reference_attention(q, k, v, mask, scale)), argnums=(0, 1, 2))
+    blocked = jax.value_and_grad(
+        loss(lambda q, k, v: attn.blocked_causal_attention(q, k, v, mask, scale, window)), argnums=(0, 1, 2)
+    )
+    (l0, g0), (l1, g1) = full(q, k, v), blocked(q, k, v)
+    np.testing.assert_allclose(l1, l0, rtol=1e-5)
+    for a, b in zip(g1, g0, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
