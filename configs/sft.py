@@ -5,9 +5,11 @@
 Presets:
   tiny       The CPU demo. Trains a byte-level BPE (512 tokens) and a 4-layer, ~0.9M-parameter Llama-
              style model from scratch on the bundled demo chats (align_jax/data/demo). 2-core CPU:
-             about 3 minutes for 300 steps; train loss falls from ~6.2 to well under 1, eval loss with it.
+             ~85 s for 300 steps (3.8 it/s); train loss 3.6 at step 20 -> ~0.5, eval loss 1.30 / 0.67 /
+             0.52 at steps 100 / 200 / 300, eval token accuracy 83%.
   small30m   The ~30M-parameter benchmark shape (10 layers, hidden 512) on the demo data; for
-             `launch/bench.py` on CPU and as a quick GPU check. Not tuned for quality.
+             `launch/bench.py` on CPU and as a quick GPU check. 2-core CPU: ~4.1 s/step (8 x 512
+             tokens). Not tuned for quality.
   llama3_8b  Llama-3(.1)-8B from an HF directory (--config.init_from=/path/to/Meta-Llama-3-8B).
              8x H100/H200 or a TPU v5p-8: mesh fsdp=8, seq_len 4096, 64 rows/step in 4 microbatches,
              full remat one unit per layer, bf16 compute. Estimated ~9 s/step at 40% MFU (from the FLOP
