@@ -25,6 +25,7 @@ without talking to each other; with a sharded split they would not, and a multi-
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -389,3 +390,33 @@ def global_batch(host_batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sh
         except ValueError as e:
             raise ValueError(f"batch field {name!r} of host shape {np.shape(value)}: {e}") from e
     return out
+
+
+def gather_host_states(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Every host's iterator state in one JSON-able dict, for the checkpoint (which only the primary
+    host writes). Each host's stream position differs, so all of them must be saved."""
+    mine = json.dumps(state, sort_keys=True).encode()
+    if jax.process_count() == 1:
+        return {"hosts": [json.loads(mine)]}
+    from jax.experimental import multihost_utils
+
+    # Fixed-size rows for the all-gather: the longest state, rounded up, padded with spaces.
+    longest = int(multihost_utils.process_allgather(np.array([len(mine)], np.int32)).max())
+    width = -(-longest // 256) * 256
+    buf = np.frombuffer(mine.ljust(width, b" "), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), width)
+    return {"hosts": [json.loads(bytes(row).decode()) for row in rows]}
+
+
+def host_state(saved: Mapping[str, Any], process_index: int | None = None) -> dict[str, Any]:
+    """This host's entry of `gather_host_states`' output."""
+    hosts = saved.get("hosts")
+    if not isinstance(hosts, list):
+        raise ValueError("data state in the checkpoint has no 'hosts' list (written by an older align_jax?)")
+    process_index = jax.process_index() if process_index is None else process_index
+    if len(hosts) != jax.process_count():
+        raise ValueError(
+            f"the checkpoint holds the data position of {len(hosts)} hosts; this run has {jax.process_count()}. "
+            "Resuming exactly needs the same number of hosts."
+        )
+    return dict(hosts[process_index])

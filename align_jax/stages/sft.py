@@ -105,7 +105,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     state, data_state, how = build.initial_state(r.setup, config, checkpointer, workdir)
     if data_state:
-        r.train_iter.restore(data_state)
+        r.train_iter.restore(pipeline.host_state(data_state))
     start = int(jax.device_get(state.step))
     log.info("sft: %s; %.1fM params; starting at step %d", how, r.model_cfg.num_params() / 1e6, start)
     writer = MetricsWriter(
@@ -115,7 +115,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     hooks = loop.LoopHooks(
         step_fn=r.step_fn,
         next_batch=r.next_batch,
-        data_state=r.train_iter.state,
+        data_state=lambda: pipeline.gather_host_states(r.train_iter.state()),
         evaluate=r.evaluate if r.eval_batches is not None else None,
         flops_per_token=r.flops_per_token,
         config_json=build.saved_config(config, r.model_cfg),

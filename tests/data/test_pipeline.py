@@ -280,3 +280,16 @@ def test_config_sources_and_errors(chatml, jsonl, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # as if not installed
     with pytest.raises(ImportError, match=r"align_jax\[tfds\]"):
         make_sft_iterator(config("tfds:my_sft/train"), chatml)
+
+
+def test_host_states_round_trip_through_the_checkpoint_format():
+    from align_jax.data.pipeline import gather_host_states, host_state
+
+    state = {"version": 1, "epoch": 2, "window": 3, "rows_done": 4, "settings": {"seq_len": 64}}
+    saved = gather_host_states(state)
+    assert saved == {"hosts": [state]}
+    assert host_state(json.loads(json.dumps(saved))) == state
+    with pytest.raises(ValueError, match="data position of 2 hosts; this run has 1"):
+        host_state({"hosts": [state, state]})
+    with pytest.raises(ValueError, match="no 'hosts' list"):
+        host_state(state)
