@@ -135,11 +135,15 @@ def test_no_recompilation_on_mixed_length_data(tmp_path):
             return None
 
     state, _, _ = build.initial_state(r.setup, config, NoCkpt(), str(tmp_path))
+    r.start_feed()
     fills = set()
-    for _ in range(20):
-        batch, stats = r.next_batch()
-        fills.add(stats["real_tokens"])
-        state, metrics = r.step_fn(state, batch)
-    jax.block_until_ready(metrics)
+    try:
+        for _ in range(20):
+            batch, stats = r.next_batch()
+            fills.add(stats["real_tokens"])
+            state, metrics = r.step_fn(state, batch)
+        jax.block_until_ready(metrics)
+    finally:
+        r.feed.close()
     assert len(fills) > 1  # the batches really differ in content
     assert r.step_fn._cache_size() == 1

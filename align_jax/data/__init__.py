@@ -5,6 +5,7 @@ sources.py   random-access rows from JSONL / JSON / Parquet files, HF datasets, 
 tokenize.py  chat template rendering and the assistant loss mask
 packing.py   exact-fill packing (99.6% token utilisation on the demo data) into fixed-shape rows
 pipeline.py  shuffling, host sharding, resumable iteration, global batch assembly
+prefetch.py  batches prepared in a background thread, with the consumer's resumable state
 bpe.py       small locally trained byte-level BPE tokenizers with real chat templates (demo, tests)
 demo/        the bundled demo chats and the seeded script that writes them
 """

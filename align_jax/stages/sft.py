@@ -16,6 +16,7 @@ import numpy as np
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path, validate
 from align_jax.data import pipeline
+from align_jax.data.prefetch import Prefetcher
 from align_jax.losses.sft import sft_loss
 from align_jax.metrics import MetricsWriter, flops_per_token
 from align_jax.models.transformer import Decoder
@@ -69,8 +70,12 @@ class SFTRun:
             in_shardings=(self.setup.param_shardings, self.batch_shardings),
         )
 
+    def start_feed(self) -> None:
+        """Starts preparing batches in the background (after any restore of the iterator)."""
+        self.feed = Prefetcher(self.train_iter)
+
     def next_batch(self) -> tuple[dict[str, jax.Array], dict]:
-        host = next(self.train_iter)
+        host = next(self.feed)
         return pipeline.global_batch(host, self.batch_shardings["tokens"]), loop.batch_stats(host)
 
     def evaluate(self, params: Any) -> dict[str, float]:
@@ -106,6 +111,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state, data_state, how = build.initial_state(r.setup, config, checkpointer, workdir)
     if data_state:
         r.train_iter.restore(pipeline.host_state(data_state))
+    r.start_feed()
     start = int(jax.device_get(state.step))
     log.info("sft: %s; %.1fM params; starting at step %d", how, r.model_cfg.num_params() / 1e6, start)
     writer = MetricsWriter(
@@ -115,7 +121,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     hooks = loop.LoopHooks(
         step_fn=r.step_fn,
         next_batch=r.next_batch,
-        data_state=lambda: pipeline.gather_host_states(r.train_iter.state()),
+        data_state=lambda: pipeline.gather_host_states(r.feed.state()),
         evaluate=r.evaluate if r.eval_batches is not None else None,
         flops_per_token=r.flops_per_token,
         config_json=build.saved_config(config, r.model_cfg),
@@ -135,6 +141,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state, start_step=start, cfg=loop_cfg, hooks=hooks, checkpointer=checkpointer, writer=writer
         )
     finally:
+        r.feed.close()
         checkpointer.close()
         writer.close()
     summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats())
