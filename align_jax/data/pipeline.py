@@ -157,6 +157,12 @@ def _report(stats: dict[str, int], **extra: Any) -> dict[str, Any]:
     return {**stats, "packing_efficiency": efficiency, **extra}
 
 
+def _host_batch_size(cfg: SFTDataConfig, process_count: int) -> int:
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
+    return cfg.batch_size // process_count
+
+
 def _stack(rows: Sequence[Row]) -> Batch:
     return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
 
@@ -174,12 +180,11 @@ class SFTIterator:
         process_index: int,
         process_count: int,
     ):
-        if cfg.batch_size % process_count:
-            raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
+        host_batch = _host_batch_size(cfg, process_count)
         if len(source) < process_count:
             raise ValueError(f"{source.name}: {len(source)} rows cannot be shared by {process_count} processes")
         self.cfg = cfg
-        self.host_batch = cfg.batch_size // process_count
+        self.host_batch = host_batch
         self.process_index, self.process_count = process_index, process_count
         self._examples = _Examples(source, tokenizer, cfg)
         self._num_rows = len(source)
@@ -318,10 +323,9 @@ class EvalBatches:
         process_index: int,
         process_count: int,
     ):
-        if cfg.batch_size % process_count:
-            raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
+        host_batch = _host_batch_size(cfg, process_count)
         self.cfg = cfg
-        self.host_batch = cfg.batch_size // process_count
+        self.host_batch = host_batch
         self.process_index = process_index
         self._examples = _Examples(source, tokenizer, cfg)
         self._num_rows = len(source)
