@@ -59,3 +59,15 @@ def test_unknown_key_and_bad_value_fail_early():
         validate(config)
     with pytest.raises(ValueError, match=r"unknown preset 'huge'"):
         load_preset("sft", "huge")
+
+
+def test_batch_that_the_mesh_cannot_split_fails_early():
+    from align_jax.stages.build import make_sharder
+
+    config = load_preset("sft", "tiny")  # mesh data=-1: all 8 test devices on the batch
+    config.unlock()
+    config.data.batch_size = 12
+    with pytest.raises(ValueError, match=r"12 rows each, which the batch axes \('data', 'fsdp'\) \(8 devices"):
+        make_sharder(config)
+    config.data.batch_size, config.train.microbatches = 16, 2
+    assert make_sharder(config).mesh.shape["data"] == 8

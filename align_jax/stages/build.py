@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -35,7 +36,19 @@ def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
     mesh = make_mesh({ax: int(config.mesh[ax]) for ax in config.mesh})
     rules = dict(normalize_rules(None))
     rules.update(normalize_rules(config.rules))
-    return Sharder(mesh, tuple(rules.items()))
+    sharder = Sharder(mesh, tuple(rules.items()))
+    # Each microbatch is split over the batch axes; say so now rather than fail in batch assembly.
+    axes = rules.get("activation_batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    micro = int(config.data.batch_size) // int(config.train.microbatches)
+    if micro % ways:
+        raise ValueError(
+            f"config.data.batch_size={config.data.batch_size} in {config.train.microbatches} microbatch(es) gives "
+            f"{micro} rows each, which the batch axes {axes} ({ways} devices: {dict(mesh.shape)}) cannot split; "
+            f"use a multiple of {ways * int(config.train.microbatches)} or a smaller mesh"
+        )
+    return sharder
 
 
 def runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
