@@ -38,14 +38,6 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def has_checkpoint(workdir: str) -> bool:
-    d = checkpoint_dir(workdir)
-    if not os.path.isdir(d):
-        return False
-    with ocp.CheckpointManager(d) as mngr:
-        return mngr.latest_step() is not None
-
-
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager` that knows our three items."""
 

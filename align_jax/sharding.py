@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -152,15 +151,6 @@ def tree_shardings(boxed_tree: Any, sharder: Sharder) -> Any:
         return NamedSharding(sharder.mesh, PartitionSpec())
 
     return jax.tree.map(one, boxed_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
-def logical_names(boxed_tree: Any) -> Any:
-    """The logical axis names of each leaf of a boxed tree (a tuple per leaf)."""
-    return jax.tree.map(
-        lambda b: tuple(b.names) if isinstance(b, nn.LogicallyPartitioned) else (None,) * np.ndim(b),
-        boxed_tree,
-        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned),
-    )
 
 
 def sharded_init(init_fn: Callable[..., Any], sharder: Sharder, *args: Any) -> tuple[Any, Any]:
