@@ -87,6 +87,9 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.steps = 100
     c.train.microbatches = 1
     c.train.z_loss = 0.0
+    # Positions per chunk of the LM head + loss (0: all at once). Large vocabularies want ~1024:
+    # only one chunk's [B, chunk, V] logits then exist.
+    c.train.loss_chunk = 0
     c.train.log_every = 10
     c.train.eval_every = 0
     c.train.ckpt_every = 0
@@ -127,6 +130,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(c.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
     _one_of(c.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
     _one_of(c.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    if c.train.loss_chunk < 0:
+        raise ConfigValueError(f"config.train.loss_chunk={c.train.loss_chunk} must be >= 0 (0: no chunking)")
     if c.data.batch_size % c.train.microbatches:
         raise ConfigValueError(
             f"config.data.batch_size={c.data.batch_size} is not divisible by config.train.microbatches={c.train.microbatches}"

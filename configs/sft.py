@@ -12,7 +12,8 @@ Presets:
              tokens). Not tuned for quality.
   llama3_8b  Llama-3(.1)-8B from an HF directory (--config.init_from=/path/to/Meta-Llama-3-8B).
              8x H100/H200 or a TPU v5p-8: mesh fsdp=8, seq_len 4096, 64 rows/step in 4 microbatches,
-             full remat one unit per layer, bf16 compute. Estimated ~9 s/step at 40% MFU (from the FLOP
+             full remat one unit per layer, bf16 compute, loss in 1024-position chunks (unchunked,
+             a 16 x 4096 microbatch's 128k-vocab fp32 logits are 33.6 GB, and as much for their gradient). Estimated ~9 s/step at 40% MFU (from the FLOP
              model in align_jax/metrics.py, not yet measured).
   qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b; estimated ~8 s/step at 40% MFU.
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128: mesh fsdp=16 x tensor=4 (x data for the
@@ -56,14 +57,14 @@ def get_config(arg: str = "tiny"):
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=4096, batch_size=64)
         c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
-        c.train.update(steps=2000, microbatches=4, log_every=10, eval_every=200, ckpt_every=200)
+        c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
         c.data.eval_batches = 20
     elif arg == "llama3_70b":
         c.mesh.update(data=-1, fsdp=16, tensor=4)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=2)
         c.data.update(seq_len=4096, batch_size=128)
         c.optim.update(lr=5e-6, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
-        c.train.update(steps=2000, microbatches=8, log_every=10, eval_every=200, ckpt_every=100)
+        c.train.update(steps=2000, microbatches=8, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=100)
         c.data.eval_batches = 20
     else:
         raise ValueError(

@@ -50,7 +50,9 @@ class SFTRun:
         self.model_cfg = build.model_config(config, self.tokenizer)
         self.setup = build.setup_state(self.model_cfg, sharder, config)
         self.model = Decoder(self.model_cfg, sharder)
-        self.loss_fn = functools.partial(sft_loss, model=self.model, z_loss=float(config.train.z_loss))
+        self.loss_fn = functools.partial(
+            sft_loss, model=self.model, z_loss=float(config.train.z_loss), loss_chunk=int(config.train.loss_chunk)
+        )
         self.batch_shardings = self.setup.batch_shardings(BATCH_FIELDS)
         self.step_fn = make_train_step(
             self.loss_fn,
