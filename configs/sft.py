@@ -13,12 +13,14 @@ Presets:
   llama3_8b  Llama-3(.1)-8B from an HF directory (--config.init_from=/path/to/Meta-Llama-3-8B).
              8x H100/H200 or a TPU v5p-8: mesh fsdp=8, seq_len 4096, 64 rows/step in 4 microbatches,
              full remat one unit per layer, bf16 compute, loss in 1024-position chunks (unchunked,
-             a 16 x 4096 microbatch's 128k-vocab fp32 logits are 33.6 GB, and as much for their gradient). Estimated ~9 s/step at 40% MFU (from the FLOP
-             model in align_jax/metrics.py, not yet measured).
-  qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b; estimated ~8 s/step at 40% MFU.
+             a 16 x 4096 microbatch's 128k-vocab fp32 logits are 33.6 GB, and as much again for
+             their gradient). Estimate, not yet measured: 6 x 8.0e9 params x 262k tokens + attention
+             = 1.3e16 FLOP/step; at 40% MFU on 8 x 989 TFLOP/s, ~4 s/step.
+  qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b: ~1.2e16 FLOP/step, ~3.8 s/step at
+             40% MFU (estimate).
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128: mesh fsdp=16 x tensor=4 (x data for the
              rest), seq_len 4096, 128 rows/step in 8 microbatches, remat one unit per 2 layers.
-             Estimated ~40 s/step at 40% MFU.
+             Estimate: ~2.3e16 x 10 = 2.3e17 FLOP/step; ~9 s/step at 40% MFU on 64 x 989 TFLOP/s.
 
 Data keys every stage shares: config.data.train / config.data.eval (a path, glob, `demo:NAME` or a
 `datasets` name), config.data.format, config.train.steps, config.init_from.
