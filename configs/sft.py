@@ -20,7 +20,8 @@ Presets:
              40% MFU (estimate).
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128: mesh fsdp=16 x tensor=4 (x data for the
              rest), seq_len 4096, 128 rows/step in 8 microbatches, remat one unit per 2 layers.
-             Estimate: ~2.3e16 x 10 = 2.3e17 FLOP/step; ~9 s/step at 40% MFU on 64 x 989 TFLOP/s.
+             Estimate: 6 x 70.6e9 params x 524k tokens + attention = 2.3e17 FLOP/step; ~9 s/step at
+             40% MFU on 64 x 989 TFLOP/s.
 
 Data keys every stage shares: config.data.train / config.data.eval (a path, glob, `demo:NAME` or a
 `datasets` name), config.data.format, config.train.steps, config.init_from.
