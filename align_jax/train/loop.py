@@ -96,7 +96,10 @@ def run(
     step = start_step
 
     def save(at: int, metrics: dict | None = None):
-        nonlocal last_saved
+        nonlocal last_saved, pending
+        if pending is not None:  # never save a step before knowing it was finite
+            check(*pending)
+            pending = None
         checkpointer.save(at, state, hooks.data_state(), hooks.config_json, metrics=metrics)
         last_saved = at
 
@@ -146,8 +149,6 @@ def run(
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
                 save(step, eval_metrics if do_eval else None)
             if preemption.requested and not is_last:
-                if pending is not None:
-                    check(*pending)
                 save(step)
                 summary["preempted"] = True
                 break

@@ -88,3 +88,20 @@ def test_sigterm_saves_and_returns(tmp_path):
     assert summary["preempted"] and summary["final_step"] == 3 and summary["last_checkpoint"] == 3
     assert ck.latest_step() == 3
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is removed again
+
+
+def test_nan_on_a_checkpoint_step_is_not_saved(tmp_path):
+    h = hooks(on_step=lambda n: 0 if n == 4 else 1)
+    ck = Checkpointer(str(tmp_path), async_save=False)
+    cfg = loop.LoopConfig(total_steps=8, log_every=100, ckpt_every=2, progress=False)
+    with pytest.raises(loop.NonFiniteError, match=r"step 4: .*checkpoints/2"):
+        loop.run(
+            fake_state(),
+            start_step=0,
+            cfg=cfg,
+            hooks=h,
+            checkpointer=ck,
+            writer=MetricsWriter(str(tmp_path), tensorboard=False),
+        )
+    ck.close()
+    assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
