@@ -13,7 +13,6 @@ Init precedence (the only place it is decided):
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from align_jax.models.config import ModelConfig, from_hf_dict
+from align_jax.models.config import ModelConfig, from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
 
 log = logging.getLogger(__name__)
@@ -138,8 +137,7 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None, 
 def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
     """The ModelConfig behind `init_from`: an HF directory's config.json or a workdir's saved config."""
     if is_hf_dir(init_from):
-        with open(os.path.join(init_from, "config.json")) as f:
-            return from_hf_dict(json.load(f), where=os.path.join(init_from, "config.json"), **runtime)
+        return read_hf_config(init_from, **runtime)
     saved = read_config(init_from)
     try:
         return from_hf_dict(saved["hf_model_config"], where=f"{init_from} (saved config)", **runtime)
@@ -149,7 +147,7 @@ def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
 
 def initialize(
     workdir: str,
-    checkpointer: Checkpointer,
+    checkpointer: Checkpointer | None,
     *,
     abstract_state: Any,
     init_from: str | None,
@@ -160,8 +158,9 @@ def initialize(
     sharder: Sharder,
 ) -> tuple[Any, dict, str]:
     """Applies the init precedence. Returns (state, data_state, how) with how in
-    {'resumed', 'init_from_hf', 'init_from_workdir', 'scratch'}."""
-    if checkpointer.latest_step() is not None:
+    {'resumed', 'init_from_hf', 'init_from_workdir', 'scratch'}. Without a checkpointer (a benchmark,
+    a test) there is nothing to resume."""
+    if checkpointer is not None and checkpointer.latest_step() is not None:
         state, data_state, _ = checkpointer.restore(abstract_state)
         log.info("resumed from %s step %d", checkpointer.directory, checkpointer.latest_step())
         return state, data_state, "resumed"

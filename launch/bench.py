@@ -57,7 +57,7 @@ def bench_sft(config, steps: int, workdir: str) -> dict:
     from align_jax.train import loop
 
     run = SFTRun(config, workdir)
-    state, _, _ = build.initial_state(run.setup, config, _NoCheckpoints(), workdir)
+    state, _, _ = build.initial_state(run.setup, config, None, workdir)
     hosts = [next(run.train_iter) for _ in range(min(steps, 8))]
     from align_jax.data import pipeline
 
@@ -109,13 +109,6 @@ def bench_sft(config, steps: int, workdir: str) -> dict:
         "_batches": batches,
         "_state": state,
     }
-
-
-class _NoCheckpoints:
-    directory = "(bench: none)"
-
-    def latest_step(self):
-        return None
 
 
 def bench_torch(result: dict, steps: int) -> dict:

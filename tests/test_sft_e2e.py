@@ -128,13 +128,7 @@ def test_no_recompilation_on_mixed_length_data(tmp_path):
     config.train.steps = 20
     r = SFTRun(config, str(tmp_path))
 
-    class NoCkpt:
-        directory = "none"
-
-        def latest_step(self):
-            return None
-
-    state, _, _ = build.initial_state(r.setup, config, NoCkpt(), str(tmp_path))
+    state, _, _ = build.initial_state(r.setup, config, None, str(tmp_path))
     r.start_feed()
     fills = set()
     try:

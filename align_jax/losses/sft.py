@@ -49,9 +49,8 @@ def chunked_token_stats(
         nll, logz = token_nll(logits, y_BC)
         return nll, logz, (jnp.argmax(logits, axis=-1) == y_BC).astype(jnp.float32)
 
-    nll, logz, correct = jax.lax.map(lambda xs: one(*xs), (h_NBCE, y_NBC))
-    unchunk = lambda x: x.swapaxes(0, 1).reshape(b, t)  # noqa: E731
-    return unchunk(nll), unchunk(logz), unchunk(correct)
+    stats = jax.lax.map(lambda xs: one(*xs), (h_NBCE, y_NBC))
+    return tuple(x.swapaxes(0, 1).reshape(b, t) for x in stats)
 
 
 def sft_loss(

@@ -22,6 +22,8 @@ ARCHITECTURES = {
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_qkv_attn", "save_out_proj")
 ATTENTION_IMPLS = ("auto", "reference", "cudnn", "splash")
+# ModelConfig fields that are ours, not the checkpoint's: they never reach config.json.
+RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit", "scan_unroll")
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path
-from align_jax.models.config import ModelConfig, to_hf_dict
+from align_jax.models.config import RUNTIME_FIELDS, ModelConfig, to_hf_dict
 from align_jax.models.hf import abstract_params
 from align_jax.models.transformer import boxed_init
 from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules, tree_shardings
@@ -52,15 +52,7 @@ def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
 
 
 def runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    m = config.model
-    return dict(
-        param_dtype=m.param_dtype,
-        dtype=m.dtype,
-        attention_impl=m.attention_impl,
-        remat_policy=m.remat_policy,
-        layers_per_unit=m.layers_per_unit,
-        scan_unroll=m.scan_unroll,
-    )
+    return {k: config.model[k] for k in RUNTIME_FIELDS}
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConfig:
@@ -197,7 +189,7 @@ def setup_state(
 def initial_state(
     setup: StateSetup,
     config: ml_collections.ConfigDict,
-    checkpointer: checkpoint.Checkpointer,
+    checkpointer: checkpoint.Checkpointer | None,
     workdir: str,
     fresh_params: Callable[[jax.Array], Any] | None = None,
 ) -> tuple[TrainState, dict, str]:
@@ -225,8 +217,5 @@ def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> d
     return {
         "config": json.loads(config.to_json_best_effort()),
         "hf_model_config": to_hf_dict(model_cfg),
-        "runtime": {
-            k: getattr(model_cfg, k)
-            for k in ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit", "scan_unroll")
-        },
+        "runtime": {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS},
     }
