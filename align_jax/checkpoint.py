@@ -81,6 +81,10 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict | None, config: dict, metrics: dict | None = None) -> None:
+        """Saves everything but a frozen reference (DPO/GRPO): that is init_from's params, which the stage
+        reloads on resume, so storing it would double every checkpoint for nothing."""
+        if getattr(state, "frozen", None) is not None:
+            state = state.replace(frozen=None)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state or {}),

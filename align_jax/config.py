@@ -18,6 +18,8 @@ from align_jax.sharding import MESH_AXES, normalize_rules
 
 STAGES = ("sft", "rm", "dpo", "grpo", "pas", "pipeline")
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
+# The rm and dpo stages' row formats (align_jax/data/preference.py; a test keeps the two in step).
+PREFERENCE_FORMATS = ("auto", "hh_rlhf", "preference", "kto")
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
 
 
@@ -67,6 +69,10 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.data.shuffle_seed = 0
     c.data.pack_window = 1000
     c.data.eval_batches = 0  # 0: the whole eval split
+    # Preference data (rm, dpo): most pairs packed into one row (0: seq_len // 32), and KTO's unpaired
+    # view of paired data (each pair -> a desirable and an undesirable example).
+    c.data.max_pairs = 0
+    c.data.unpaired = False
 
     c.mesh = ml_collections.ConfigDict({ax: (-1 if ax == "data" else 1) for ax in MESH_AXES})
     # Overrides of the default logical-axis rules, as (logical_name, mesh_axes) pairs.
@@ -99,6 +105,28 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.progress = True
     c.train.peak_flops = 0.0  # per device, for MFU; 0 -> from the device kind
 
+    # Reward model (stage rm), the report's Eq. 1: -log sigmoid(r_c - r_r - margin)
+    # + score_weight * [(r_c - s_c)^2 + (r_r - s_r)^2] on rows with absolute scores, + center_weight * (r_c + r_r)^2.
+    c.rm = ml_collections.ConfigDict()
+    c.rm.margin = 0.0
+    c.rm.score_weight = 0.0
+    c.rm.center_weight = 0.0
+
+    # Preference optimisation (stage dpo): align_jax/losses/dpo.py and preference.py.
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.loss_type = "sigmoid"  # a DPO loss type, or simpo | orpo | kto
+    c.dpo.beta = 0.1
+    c.dpo.label_smoothing = 0.0
+    c.dpo.gamma = 0.5  # SimPO
+    c.dpo.rpo_alpha = 0.0  # + rpo_alpha * chosen NLL (RPO)
+    c.dpo.desirable_weight = 1.0  # KTO
+    c.dpo.undesirable_weight = 1.0
+    c.dpo.reference_free = False
+    # Where reference log-probs come from: "in_step" (frozen reference params, a forward pass in every
+    # step) or "precomputed" (one pass before training, cached on disk; see align_jax/reference.py).
+    c.dpo.reference = "in_step"
+    c.dpo.ref_cache_dir = ""  # "" -> ~/.cache/align_jax/ref_logps
+
     c.metrics = ml_collections.ConfigDict()
     c.metrics.tensorboard = True
     c.metrics.wandb_project = ""
@@ -123,7 +151,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and cross-field rules; returns the config for chaining."""
     _one_of(c.stage, STAGES, "stage")
     _positive(c, "data.seq_len", "data.batch_size", "train.steps", "train.microbatches", "train.log_every", "optim.lr")
-    _one_of(c.data.format, DATA_FORMATS, "data.format")
+    _one_of(c.data.format, PREFERENCE_FORMATS if c.stage in ("rm", "dpo") else DATA_FORMATS, "data.format")
     _one_of(c.data.loss_on, ("assistant", "last_assistant", "all"), "data.loss_on")
     _one_of(c.data.over_long, ("truncate", "drop"), "data.over_long")
     _one_of(c.data.on_bad_row, ("error", "skip"), "data.on_bad_row")
@@ -146,6 +174,19 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigValueError(f"config.mesh={dict(c.mesh)}: sizes are positive, with at most one -1")
     normalize_rules(c.rules)
+    if c.stage == "dpo":
+        from align_jax.losses.dpo import LOSS_TYPES
+
+        _one_of(c.dpo.loss_type, LOSS_TYPES, "dpo.loss_type")
+        _one_of(c.dpo.reference, ("in_step", "precomputed"), "dpo.reference")
+        _positive(c, "dpo.beta")
+        if c.dpo.loss_type == "kto" and not c.data.unpaired and c.data.format != "kto":
+            raise ConfigValueError(
+                "config.dpo.loss_type='kto' trains on unpaired examples: set config.data.unpaired=True to "
+                "split paired data, or give unpaired rows with config.data.format='kto'"
+            )
+    if c.data.max_pairs < 0:
+        raise ConfigValueError(f"config.data.max_pairs={c.data.max_pairs} must be >= 0 (0: seq_len // 32)")
     if not 0 <= c.optim.min_lr_ratio <= 1:
         raise ConfigValueError(f"config.optim.min_lr_ratio={c.optim.min_lr_ratio} must be in [0, 1]")
     return c

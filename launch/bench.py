@@ -1,7 +1,7 @@
 """Steady-state training throughput of a stage preset, after compilation.
 
-    python launch/bench.py --config configs/sft.py:<preset> [--steps 10] [--compare_torch] [--remat_table]
-                           [--config.key=value ...]
+    python launch/bench.py --config configs/{sft,rm,dpo}.py:<preset> [--steps 10] [--compare_torch]
+                           [--remat_table] [--compare_reference] [--config.key=value ...]
 
 Prints a human line, then (last line) one JSON object with tokens_per_s, mfu, packing_efficiency,
 compile_s, step_s, peak_bytes, n_compiles and the model's shape.
@@ -14,6 +14,9 @@ token's own segment (align_jax/metrics.py). On CPU there is no meaningful peak: 
 
 --compare_torch runs the same model shape and batch through transformers + torch AdamW
 (forward, backward, optimizer step) in the same process and reports the slot-throughput ratio.
+Preference stages (rm, dpo) also report pairs_per_s. DPO's FLOPs count the policy's forward and
+backward plus, with `dpo.reference=in_step`, the reference's forward. --compare_reference times the
+DPO step with the reference in the step and with precomputed log-probs on the same batches.
 --remat_table compiles the step for remat none/full with k = 1, 2, 4 layers per checkpoint unit and
 reports compiled peak memory and step time for each.
 """
@@ -50,18 +53,49 @@ def time_steps(step_fn, state, batches, n: int) -> tuple[object, float]:
     return state, (time.perf_counter() - t0) / n
 
 
-def bench_sft(config, steps: int, workdir: str) -> dict:
-    from align_jax.metrics import device_peak_flops
+def make_run(config, workdir: str):
+    """The stage's run object and its initial state (no checkpointer: nothing to resume)."""
     from align_jax.stages import build
-    from align_jax.stages.sft import SFTRun
+
+    if config.stage == "sft":
+        from align_jax.stages.sft import SFTRun
+
+        run = SFTRun(config, workdir)
+        return run, build.initial_state(run.setup, config, None, workdir)[0]
+    if config.stage == "rm":
+        from align_jax.stages.rm import RMRun
+
+        run = RMRun(config, workdir)
+        return run, run.initial_state(None)[0]
+    if config.stage == "dpo":
+        from align_jax.stages.dpo import DPORun
+
+        run = DPORun(config, workdir)
+        state = build.initial_state(run.setup, config, None, workdir)[0]
+        if run.ref_mode == "in_step":
+            state = run.with_reference(state)
+        return run, state
+    raise SystemExit(f"bench: stage {config.stage!r} is not benchmarked")
+
+
+def with_reference_logps(run, state, batches: list) -> list:
+    """Precomputed-reference batches: the reference is the initial policy, so its log-probs of the timed
+    batches come from the state's params (what the cache would hold), without a pass over the dataset."""
+    from align_jax.losses.pairs import sequence_logps
+
+    fn = jax.jit(lambda p, b: sequence_logps(p, b, model=run.model, loss_chunk=run.loss_chunk)[0])
+    return [{**b, "ref_logps": fn(state.params, b)} for b in batches]
+
+
+def bench_stage(config, steps: int, workdir: str) -> dict:
+    from align_jax.metrics import device_peak_flops
     from align_jax.train import loop
 
-    run = SFTRun(config, workdir)
-    state, _, _ = build.initial_state(run.setup, config, None, workdir)
+    run, state = make_run(config, workdir)
     hosts = [next(run.train_iter) for _ in range(min(steps, 8))]
-    from align_jax.data import pipeline
-
-    batches = [pipeline.global_batch(h, run.batch_shardings["tokens"]) for h in hosts]
+    batches = [run.global_batch(h) for h in hosts]
+    if getattr(run, "ref_mode", None) == "precomputed":
+        batches = with_reference_logps(run, state, batches)
     stats = [loop.batch_stats(h) for h in hosts]
 
     # Ahead-of-time compile for the compile time and the memory analysis; the timed steps then go
@@ -79,7 +113,7 @@ def bench_sft(config, steps: int, workdir: str) -> dict:
     cfg = run.model_cfg
     peak = float(config.train.peak_flops) or device_peak_flops(jax.devices()[0])
     flops = run.flops_per_token(ctx) * real / step_s
-    return {
+    out = {
         "preset_stage": config.stage,
         "tokens_per_s": real / step_s,
         "slots_per_s": slots / step_s,
@@ -109,6 +143,25 @@ def bench_sft(config, steps: int, workdir: str) -> dict:
         "_batches": batches,
         "_state": state,
     }
+    if "pair_mask" in hosts[0]:
+        out["pairs_per_s"] = float(np.mean([h["pair_mask"].sum() for h in hosts])) / step_s
+    if config.stage == "dpo":
+        out["reference"] = run.ref_mode
+        out["loss_type"] = config.dpo.loss_type
+    return out
+
+
+def reference_comparison(config, steps: int, workdir: str) -> dict:
+    """DPO step time with the reference in the step vs. precomputed log-probs, same shape and batches."""
+    out = {}
+    for mode in ("in_step", "precomputed"):
+        c = config.copy_and_resolve_references()
+        c.unlock()
+        c.dpo.reference = mode
+        r = bench_stage(c, steps, os.path.join(workdir, f"ref_{mode}"))
+        out[mode] = {k: r[k] for k in ("step_s", "pairs_per_s", "tokens_per_s", "tflops_per_s", "mfu", "peak_bytes")}
+    out["step_time_cut"] = 1.0 - out["precomputed"]["step_s"] / out["in_step"]["step_s"]
+    return out
 
 
 def bench_torch(result: dict, steps: int) -> dict:
@@ -150,7 +203,7 @@ def remat_table(config, workdir: str) -> list[dict]:
         c = config.copy_and_resolve_references()
         c.unlock()
         c.model.remat_policy, c.model.layers_per_unit = policy, k
-        r = bench_sft(c, steps=3, workdir=os.path.join(workdir, f"remat_{policy}_{k}"))
+        r = bench_stage(c, steps=3, workdir=os.path.join(workdir, f"remat_{policy}_{k}"))
         rows.append(
             {"remat_policy": policy, "layers_per_unit": k, "peak_bytes": r["peak_bytes"], "step_s": r["step_s"]}
         )
@@ -164,6 +217,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<p
 _STEPS = flags.DEFINE_integer("steps", 10, "timed steps after warm-up")
 _TORCH = flags.DEFINE_bool("compare_torch", False, "also time transformers + torch AdamW on the same shape")
 _REMAT = flags.DEFINE_bool("remat_table", False, "compiled peak memory and step time for remat k = 1, 2, 4")
+_REF = flags.DEFINE_bool(
+    "compare_reference", False, "dpo: step time with the reference in the step vs. precomputed log-probs"
+)
 flags.mark_flags_as_required(["config"])
 
 
@@ -172,21 +228,31 @@ def main(argv) -> int:
     config = _CONFIG.value
     config.unlock()
     config.train.progress = False
-    if config.stage != "sft":
-        raise SystemExit(f"bench: stage {config.stage!r} is not benchmarked yet")
     with tempfile.TemporaryDirectory() as workdir:
-        result = bench_sft(config, _STEPS.value, workdir)
+        result = bench_stage(config, _STEPS.value, workdir)
         if _TORCH.value:
             result.update(bench_torch(result, max(3, _STEPS.value // 2)))
             result["slots_ratio_vs_torch"] = result["slots_per_s"] / result["torch_slots_per_s"]
         if _REMAT.value:
             result["remat_table"] = remat_table(config, workdir)
+        if _REF.value:
+            if config.stage != "dpo":
+                raise SystemExit("--compare_reference is for configs/dpo.py presets")
+            result["reference_comparison"] = reference_comparison(config, _STEPS.value, workdir)
     result = {k: v for k, v in result.items() if not k.startswith("_")}
     line = (
         f"{config.stage}: {result['tokens_per_s']:.0f} tok/s ({result['slots_per_s']:.0f} slots/s), step {result['step_s'] * 1e3:.1f} ms, "
         f"MFU {result['mfu']:.1%}, packing {result['packing_efficiency']:.1%}, compile {result['compile_s']:.1f}s, "
         f"peak {result['peak_bytes'] / 2**20:.0f} MiB, {result['n_compiles']} compile(s), {result['n_params'] / 1e6:.1f}M params"
     )
+    if "pairs_per_s" in result:
+        line += f", {result['pairs_per_s']:.1f} pairs/s"
+    if "reference_comparison" in result:
+        rc = result["reference_comparison"]
+        line += (
+            f" | reference in step {rc['in_step']['step_s'] * 1e3:.1f} ms vs precomputed "
+            f"{rc['precomputed']['step_s'] * 1e3:.1f} ms: {rc['step_time_cut']:.1%} less"
+        )
     if "slots_ratio_vs_torch" in result:
         line += f" | torch {result['torch_slots_per_s']:.0f} slots/s -> ratio {result['slots_ratio_vs_torch']:.2f}x"
     print(line)

@@ -20,6 +20,10 @@ Eval (`EvalBatches`, finite, re-iterable): every host tokenises and packs the wh
 (eval sets are small), pads the rows to whole global batches with empty rows, and takes its slice of each.
 Reading everything on every host is what guarantees all hosts agree on the number of eval batches
 without talking to each other; with a sharded split they would not, and a multi-host eval would hang.
+
+The machinery is generic over what a window of row indices becomes (`WindowPacker`): `ShuffledBatches`
+and `OrderedBatches` are the train and eval halves, `SFTIterator` and `EvalBatches` bind them to SFT
+chats, and preference.py binds them to chosen/rejected pairs.
 """
 
 from __future__ import annotations
@@ -28,14 +32,13 @@ import dataclasses
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import jax
 import numpy as np
 
 from align_jax.data.formats import FORMATS, BadRowError, to_record
 from align_jax.data.packing import (
-    FIELDS,
     OVER_LONG,
     PACKER_VERSION,
     Example,
@@ -54,10 +57,45 @@ STATE_VERSION = 1
 # Bad rows logged one by one in skip mode; after that only counted (see `stats()`).
 MAX_LOGGED_BAD_ROWS = 5
 Batch = dict[str, np.ndarray]
+ConfigT = TypeVar("ConfigT", bound="DataConfigMixin")
+
+
+class DataConfigMixin:
+    """What the data configs (frozen dataclasses) share: key checking and construction from any mapping."""
+
+    def _check(self, choices: Mapping[str, Sequence[Any]], minimums: Mapping[str, int]) -> None:
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{name}={value!r}; expected an integer >= {low}")
+
+    @classmethod
+    def from_any(cls: type[ConfigT], cfg: Any = None, **overrides: Any) -> ConfigT:
+        """From an instance, a dict, or an ml_collections ConfigDict (plus keyword overrides).
+        Unknown keys fail here, with the known ones listed, rather than being silently ignored."""
+        if cfg is None:
+            values: dict[str, Any] = {}
+        elif isinstance(cfg, cls):
+            values = dataclasses.asdict(cfg)  # type: ignore[call-overload]
+        elif hasattr(cfg, "to_dict"):
+            values = cfg.to_dict()
+        elif isinstance(cfg, Mapping):
+            values = dict(cfg)
+        else:
+            raise TypeError(f"data config must be a dict, ConfigDict or {cls.__name__}, got {type(cfg).__name__}")
+        values.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
-class SFTDataConfig:
+class SFTDataConfig(DataConfigMixin):
     """What the SFT data pipeline reads. `batch_size` is global, in packed rows of `seq_len` tokens."""
 
     train: Any = None  # a source spec (see sources.open_source): path, glob, list of paths, dataset name, tfds:...
@@ -72,39 +110,50 @@ class SFTDataConfig:
     pack_window: int = 1000
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("format", FORMATS),
-            ("loss_on", LOSS_ON),
-            ("over_long", OVER_LONG),
-            ("on_bad_row", ON_BAD_ROW),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"data.{name}={getattr(self, name)!r}; expected one of {allowed}")
-        for name, low in (("seq_len", 2), ("batch_size", 1), ("pack_window", 1), ("shuffle_seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < low:
-                raise ValueError(f"data.{name}={value!r}; expected an integer >= {low}")
+        self._check(
+            {"format": FORMATS, "loss_on": LOSS_ON, "over_long": OVER_LONG, "on_bad_row": ON_BAD_ROW},
+            {"seq_len": 2, "batch_size": 1, "pack_window": 1, "shuffle_seed": 0},
+        )
 
-    @classmethod
-    def from_any(cls, cfg: Any = None, **overrides: Any) -> SFTDataConfig:
-        """From an SFTDataConfig, a dict, or an ml_collections ConfigDict (plus keyword overrides).
-        Unknown keys fail here, with the known ones listed, rather than being silently ignored."""
-        if cfg is None:
-            values: dict[str, Any] = {}
-        elif isinstance(cfg, cls):
-            values = dataclasses.asdict(cfg)
-        elif hasattr(cfg, "to_dict"):
-            values = cfg.to_dict()
-        elif isinstance(cfg, Mapping):
-            values = dict(cfg)
-        else:
-            raise TypeError(f"data config must be a dict, ConfigDict or SFTDataConfig, got {type(cfg).__name__}")
-        values.update(overrides)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown data config keys {unknown}; known keys are {sorted(known)}")
-        return cls(**values)
+
+class BadRows:
+    """The on_bad_row policy: "error" raises the BadRowError; "skip" counts it in `stats["bad_rows"]` and
+    logs the first MAX_LOGGED_BAD_ROWS. `stats=None` replays silently (a resumed window whose bad rows
+    were already counted and logged)."""
+
+    def __init__(self, on_bad_row: str):
+        self.on_bad_row = on_bad_row
+        self.logged = 0
+
+    def handle(self, error: BadRowError, stats: dict[str, int] | None) -> None:
+        if self.on_bad_row == "error":
+            raise error
+        if stats is not None:
+            stats["bad_rows"] += 1
+            if self.logged < MAX_LOGGED_BAD_ROWS:
+                self.logged += 1
+                more = " (further bad rows are only counted)" if self.logged == MAX_LOGGED_BAD_ROWS else ""
+                logger.warning("skipping bad row: %s%s", error, more)
+
+
+def add_packing_stats(stats: dict[str, int] | None, pstats: PackingStats) -> None:
+    if stats is not None:
+        for k, v in dataclasses.asdict(pstats).items():
+            stats[k] += v
+
+
+class WindowPacker(Protocol):
+    """What a window of row indices becomes: the rows `pack` returns are a pure function of the indices
+    (in order); `settings` are the values that change them (a resumed position needs them unchanged);
+    `empty(n)` is `n` stacked all-padding rows (no targets) that pad a final eval batch."""
+
+    source: RowSource
+
+    def pack(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Row]: ...
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def empty(self, n: int) -> Batch: ...
 
 
 class _Examples:
@@ -113,7 +162,7 @@ class _Examples:
     def __init__(self, source: RowSource, tokenizer: Any, cfg: SFTDataConfig):
         self.source, self.tokenizer, self.cfg = source, tokenizer, cfg
         self.eot_ids = end_of_turn_ids(tokenizer)
-        self.logged = 0
+        self.bad_rows = BadRows(cfg.on_bad_row)
 
     def read(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Example]:
         """Examples for `indices`, in order, without the bad rows. `stats=None` replays silently (a
@@ -125,14 +174,7 @@ class _Examples:
                     raise raw
                 record = to_record(raw, self.cfg.format, origin)
             except BadRowError as e:
-                if self.cfg.on_bad_row == "error":
-                    raise
-                if stats is not None:
-                    stats["bad_rows"] += 1
-                    if self.logged < MAX_LOGGED_BAD_ROWS:
-                        self.logged += 1
-                        more = " (further bad rows are only counted)" if self.logged == MAX_LOGGED_BAD_ROWS else ""
-                        logger.warning("skipping bad row: %s%s", e, more)
+                self.bad_rows.handle(e, stats)
                 continue
             try:
                 out.append(tokenize_chat(self.tokenizer, record["messages"], self.cfg.loss_on, self.eot_ids))
@@ -142,10 +184,14 @@ class _Examples:
 
     def pack(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Row]:
         rows, pstats = pack_window(self.read(indices, stats), self.cfg.seq_len, self.cfg.over_long)
-        if stats is not None:
-            for k, v in dataclasses.asdict(pstats).items():
-                stats[k] += v
+        add_packing_stats(stats, pstats)
         return rows
+
+    def settings(self) -> dict[str, Any]:
+        return {"loss_on": self.cfg.loss_on}
+
+    def empty(self, n: int) -> Batch:
+        return empty_rows(n, self.cfg.seq_len)
 
 
 def _new_stats() -> dict[str, int]:
@@ -157,36 +203,29 @@ def _report(stats: dict[str, int], **extra: Any) -> dict[str, Any]:
     return {**stats, "packing_efficiency": efficiency, **extra}
 
 
-def _host_batch_size(cfg: SFTDataConfig, process_count: int) -> int:
+def _host_batch_size(cfg: Any, process_count: int) -> int:
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {process_count} processes")
     return cfg.batch_size // process_count
 
 
 def _stack(rows: Sequence[Row]) -> Batch:
-    return {k: np.stack([r[k] for r in rows]) for k in FIELDS}
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-class SFTIterator:
-    """Endless, shuffled, host-sharded, resumable iterator of this host's batches (see module doc).
+class ShuffledBatches:
+    """Endless, shuffled, host-sharded, resumable iterator of this host's batches (see module doc) of the
+    rows a WindowPacker makes. `cfg` needs batch_size, shuffle_seed, pack_window, seq_len, format, over_long."""
 
-    Yields {tokens, positions, segment_ids, loss_mask}, each int32 [batch_size / process_count, seq_len]."""
-
-    def __init__(
-        self,
-        source: RowSource,
-        tokenizer: Any,
-        cfg: SFTDataConfig,
-        process_index: int,
-        process_count: int,
-    ):
+    def __init__(self, windows: WindowPacker, cfg: Any, process_index: int, process_count: int):
         host_batch = _host_batch_size(cfg, process_count)
+        source = windows.source
         if len(source) < process_count:
             raise ValueError(f"{source.name}: {len(source)} rows cannot be shared by {process_count} processes")
         self.cfg = cfg
         self.host_batch = host_batch
         self.process_index, self.process_count = process_index, process_count
-        self._examples = _Examples(source, tokenizer, cfg)
+        self._examples = windows
         self._num_rows = len(source)
         self._epoch, self._window, self._rows_done = 0, 0, 0
         self._stats = _new_stats()
@@ -215,7 +254,7 @@ class SFTIterator:
 
     # -- iteration ---------------------------------------------------------------------------------
 
-    def __iter__(self) -> SFTIterator:
+    def __iter__(self) -> ShuffledBatches:
         return self
 
     def __next__(self) -> Batch:
@@ -264,11 +303,11 @@ class SFTIterator:
             "seq_len": c.seq_len,
             "pack_window": c.pack_window,
             "format": c.format,
-            "loss_on": c.loss_on,
             "over_long": c.over_long,
             "packer": PACKER_VERSION,
             # on_bad_row is left out on purpose: after a run stops on a bad row, resuming with "skip" is
             # exact (no row was skipped before), and it is the natural fix.
+            **self._examples.settings(),
         }
 
     def state(self) -> dict[str, Any]:
@@ -311,50 +350,87 @@ class SFTIterator:
         return _report(self._stats, epoch=self._epoch)
 
 
-class EvalBatches:
-    """One ordered pass over an eval set as this host's batches; `len()` is the same on every host and
-    iterating again starts over. The final global batch is filled up with empty rows (no targets)."""
+class SFTIterator(ShuffledBatches):
+    """The SFT train loader. Yields {tokens, positions, segment_ids, loss_mask}, each int32
+    [batch_size / process_count, seq_len]."""
 
-    def __init__(
-        self,
-        source: RowSource,
-        tokenizer: Any,
-        cfg: SFTDataConfig,
-        process_index: int,
-        process_count: int,
-    ):
+    def __init__(self, source: RowSource, tokenizer: Any, cfg: SFTDataConfig, process_index: int, process_count: int):
+        super().__init__(_Examples(source, tokenizer, cfg), cfg, process_index, process_count)
+
+
+class OrderedBatches:
+    """One ordered pass over a split as this host's batches; `len()` is the same on every host and
+    iterating again starts over. The final global batch is filled up with empty rows (no targets).
+
+    `cache=True` keeps the packed rows (eval sets are small); `cache=False` streams window by window and
+    keeps nothing (a pass over a whole train split); `len()` then costs one extra pass, once."""
+
+    def __init__(self, windows: WindowPacker, cfg: Any, process_index: int, process_count: int, cache: bool = True):
         host_batch = _host_batch_size(cfg, process_count)
         self.cfg = cfg
         self.host_batch = host_batch
         self.process_index = process_index
-        self._examples = _Examples(source, tokenizer, cfg)
-        self._num_rows = len(source)
+        self._examples = windows
+        self._num_rows = len(windows.source)
+        self._cache = cache
         self._rows: list[Row] | None = None
+        self._num_packed: int | None = None  # rows in the whole pass, once one pass has counted them
         self._stats = _new_stats()
 
-    def _all_rows(self) -> list[Row]:
+    def _pass(self) -> Iterator[Row]:
+        order = np.arange(self._num_rows)
+        windows = np.array_split(order, max(1, round(self._num_rows / self.cfg.pack_window)))
+        # Only the first whole pass counts (and logs); the later ones replay the same windows silently.
+        stats = _new_stats() if self._num_packed is None else None
+        count = 0
+        for w in windows:
+            for row in self._examples.pack(w.tolist(), stats):
+                count += 1
+                yield row
+        if stats is not None:
+            self._stats, self._num_packed = stats, count
+
+    def _stream(self) -> Iterator[Row]:
+        if not self._cache:
+            return self._pass()
         if self._rows is None:
-            order = np.arange(self._num_rows)
-            windows = np.array_split(order, max(1, round(self._num_rows / self.cfg.pack_window)))
-            self._rows = [row for w in windows for row in self._examples.pack(w.tolist(), self._stats)]
-        return self._rows
+            self._rows = list(self._pass())
+        return iter(self._rows)
 
     def __len__(self) -> int:
-        return -(-len(self._all_rows()) // self.cfg.batch_size)
+        if self._num_packed is None:
+            for _ in self._stream():
+                pass
+        return -(-self._num_packed // self.cfg.batch_size)  # type: ignore[operator]
 
     def __iter__(self) -> Iterator[Batch]:
-        rows, n = self._all_rows(), len(self)
-        for b in range(n):
-            lo = b * self.cfg.batch_size + self.process_index * self.host_batch
-            mine = rows[lo : lo + self.host_batch]
-            batch = _stack(mine) if mine else empty_rows(0, self.cfg.seq_len)
-            if len(mine) < self.host_batch:
-                pad = empty_rows(self.host_batch - len(mine), self.cfg.seq_len)
-                batch = {k: np.concatenate([batch[k], pad[k]]) for k in FIELDS}
-            yield batch
+        # Every host packs every row and takes its own slice of each global batch.
+        lo, hi = self.process_index * self.host_batch, (self.process_index + 1) * self.host_batch
+        buffer: list[Row] = []
+        for row in self._stream():
+            buffer.append(row)
+            if len(buffer) == self.cfg.batch_size:
+                yield self._batch(buffer[lo:hi])
+                buffer = []
+        if buffer:
+            yield self._batch(buffer[lo:hi])
+
+    def _batch(self, mine: list[Row]) -> Batch:
+        pad = self._examples.empty(self.host_batch - len(mine))
+        if not mine:
+            return pad
+        batch = _stack(mine)
+        return {k: np.concatenate([batch[k], pad[k]]) for k in batch}
 
     def stats(self) -> dict[str, Any]:
         return _report(self._stats, batches=len(self))
+
+
+class EvalBatches(OrderedBatches):
+    """The SFT eval loader: the whole eval set, in file order, packed once and kept."""
+
+    def __init__(self, source: RowSource, tokenizer: Any, cfg: SFTDataConfig, process_index: int, process_count: int):
+        super().__init__(_Examples(source, tokenizer, cfg), cfg, process_index, process_count)
 
 
 def make_sft_iterator(

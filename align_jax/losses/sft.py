@@ -53,6 +53,28 @@ def chunked_token_stats(
     return tuple(x.swapaxes(0, 1).reshape(b, t) for x in stats)
 
 
+def token_stats(
+    params: Any, batch: dict[str, jax.Array], *, model: nn.Module, loss_chunk: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(nll, logZ, correct), each float32 [B, T-1]: entry t is about predicting token t+1 from position t.
+
+    `loss_chunk` > 0 computes the LM head that many positions at a time (see `chunked_token_stats`);
+    the numbers are the same, the logits memory is T / loss_chunk times less."""
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    targets = tokens[:, 1:]
+    t = tokens.shape[1] - 1
+    if loss_chunk and t > loss_chunk:
+        hidden = model.apply({"params": params}, tokens, positions, segments, return_hidden=True)[:, :-1]
+        pad = -t % loss_chunk  # the last chunk is padded; padded positions carry no target
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        w = lm_head_weight(params, model.cfg.tie_word_embeddings)
+        stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk)
+        return tuple(x[:, :t] for x in stats)
+    logits = model.apply({"params": params}, tokens, positions, segments)[:, :-1]
+    nll, logz = token_nll(logits, targets)
+    return nll, logz, (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
 def sft_loss(
     params: Any,
     batch: dict[str, jax.Array],
@@ -62,25 +84,10 @@ def sft_loss(
     z_loss: float = 0.0,
     loss_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
-    """`loss_chunk` > 0 computes the LM head and loss that many positions at a time (see
-    `chunked_token_stats`); the numbers are the same, the logits memory is T / loss_chunk times less."""
+    """Summed NLL of the target tokens, and their count (see `token_stats` for `loss_chunk`)."""
     del rng  # deterministic: no dropout in these models
-    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
-    targets = tokens[:, 1:]
+    nll, logz, correct = token_stats(params, batch, model=model, loss_chunk=loss_chunk)
     mask = target_mask(batch).astype(jnp.float32)
-    t = tokens.shape[1] - 1
-    if loss_chunk and t > loss_chunk:
-        hidden = model.apply({"params": params}, tokens, positions, segments, return_hidden=True)[:, :-1]
-        pad = -t % loss_chunk  # the last chunk is padded; padded positions carry no target
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        w = lm_head_weight(params, model.cfg.tie_word_embeddings)
-        nll, logz, correct = (
-            x[:, :t] for x in chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk)
-        )
-    else:
-        logits = model.apply({"params": params}, tokens, positions, segments)[:, :-1]
-        nll, logz = token_nll(logits, targets)
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     n = mask.sum()
     nll_sum = (nll * mask).sum()
     loss_sum = nll_sum

@@ -83,14 +83,20 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConf
 
 
 def _train_texts(path: str, limit: int = 20000) -> Iterator[str]:
-    """Text of the first `limit` rows of a JSONL chat file, for training the demo tokenizer."""
+    """Message texts of the first `limit` rows of a JSONL file, for training the demo tokenizer: chat
+    rows (`messages`) and preference rows (`prompt`, `chosen`, `rejected`, `completion` as strings or
+    message lists) alike."""
     with open(path) as f:
         for i, line in enumerate(f):
             if i >= limit:
                 return
             row = json.loads(line)
-            for m in row.get("messages", []):
-                yield m.get("content", "")
+            for key in ("messages", "prompt", "chosen", "rejected", "completion"):
+                value = row.get(key)
+                if isinstance(value, str):
+                    yield value
+                elif isinstance(value, list):
+                    yield from (m.get("content", "") for m in value if isinstance(m, dict))
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
@@ -192,20 +198,28 @@ def initial_state(
     checkpointer: checkpoint.Checkpointer | None,
     workdir: str,
     fresh_params: Callable[[jax.Array], Any] | None = None,
+    *,
+    init_abstract_params: Any = None,
+    params_from_init: Callable[[Any], Any] | None = None,
 ) -> tuple[TrainState, dict, str]:
-    """Applies the init precedence (checkpoint.initialize) with this stage's shardings."""
+    """Applies the init precedence (checkpoint.initialize) with this stage's shardings.
+
+    A stage whose params are not the init_from model's (the RM: a decoder plus a new head) passes
+    `init_abstract_params` (what to read from init_from) and `params_from_init` (init_from's params ->
+    this stage's params, in `setup.param_shardings`)."""
     cfg, sharder = setup.model_cfg, setup.sharder
     fresh_params = fresh_params or (lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)))
     fresh = jax.jit(lambda rng: setup.make_state(fresh_params(rng)), out_shardings=setup.state_shardings)
     from_params = jax.jit(setup.make_state, in_shardings=(setup.param_shardings,), out_shardings=setup.state_shardings)
+    adapt = params_from_init or (lambda p: p)
     return checkpoint.initialize(
         workdir,
         checkpointer,
         abstract_state=setup.abstract_state,
         init_from=config.init_from or None,
         fresh_state=lambda: fresh(jax.random.key(int(config.seed))),
-        state_from_params=from_params,
-        abstract_params=setup.abstract_params,
+        state_from_params=lambda p: from_params(adapt(p)),
+        abstract_params=setup.abstract_params if init_abstract_params is None else init_abstract_params,
         model_cfg=cfg,
         sharder=sharder,
     )
@@ -219,3 +233,20 @@ def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> d
         "hf_model_config": to_hf_dict(model_cfg),
         "runtime": {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS},
     }
+
+
+def init_from_params(setup: StateSetup, config: ml_collections.ConfigDict) -> Any:
+    """The params the run started from (init_from's, or the seeded fresh init), in the param shardings:
+    DPO's frozen reference, reloaded on resume rather than stored in every checkpoint."""
+    cfg, sharder = setup.model_cfg, setup.sharder
+    if not config.init_from:
+        init = jax.jit(
+            lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)), out_shardings=setup.param_shardings
+        )
+        return init(jax.random.key(int(config.seed)))
+    if checkpoint.is_hf_dir(config.init_from):
+        from align_jax.models.hf import load_pretrained
+
+        _, params = load_pretrained(config.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype, sharder=sharder)
+        return params
+    return checkpoint.restore_params(config.init_from, setup.abstract_params)

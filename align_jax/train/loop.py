@@ -47,7 +47,7 @@ class LoopHooks:
     step_fn: Callable[[Any, dict], tuple[Any, dict]]
     next_batch: Callable[[], tuple[dict, dict]]  # -> (global batch, host-side stats of it)
     data_state: Callable[[], dict]
-    evaluate: Callable[[Any], dict[str, float]] | None = None
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # train state -> eval metrics
     flops_per_token: Callable[[float], float] | None = None  # avg causal context -> training FLOPs/token
     config_json: dict = dataclasses.field(default_factory=dict)
     learning_rate: Callable[[int], float] | None = None  # the schedule, to log the rate of each step
@@ -143,7 +143,7 @@ def run(
 
             do_eval = hooks.evaluate is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or is_last)
             if do_eval:
-                eval_metrics = hooks.evaluate(state.params)
+                eval_metrics = hooks.evaluate(state)
                 writer.write(step, eval_metrics)
                 t_window = time.perf_counter()  # eval time is not step time
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:

@@ -7,6 +7,7 @@ examples fall into microbatches, which a mean of per-microbatch means would not 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -64,7 +65,18 @@ def _pack(out):
 
 
 def finalize_metrics(metrics: dict[str, tuple]) -> dict[str, jax.Array]:
-    return {k: s / jnp.maximum(c, 1e-9) for k, (s, c) in metrics.items()}
+    """(sum, count) -> the mean; (sum, sum of squares, count) -> the standard deviation. Both kinds add
+    up across microbatches, so they are exact however the examples were split."""
+    out = {}
+    for k, v in metrics.items():
+        if len(v) == 3:
+            s, sq, c = v
+            c = jnp.maximum(c, 1e-9)
+            out[k] = jnp.sqrt(jnp.maximum(sq / c - jnp.square(s / c), 0.0))
+        else:
+            s, c = v
+            out[k] = s / jnp.maximum(c, 1e-9)
+    return out
 
 
 def make_train_step(
@@ -77,11 +89,15 @@ def make_train_step(
     donate: bool = True,
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """step(state, batch) -> (state, metrics). A step whose loss or gradient is not finite leaves
-    params and optimizer state unchanged and reports `finite = 0`; the loop stops on it."""
+    params and optimizer state unchanged and reports `finite = 0`; the loop stops on it.
+
+    When the state carries a frozen reference (DPO, GRPO), the loss is called with `frozen=state.frozen`.
+    The gradient is taken with respect to `params` only, so the reference is never updated."""
 
     def step(state: TrainState, batch: dict[str, jax.Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        loss_sum, weight, metric_sums, grad_sums = accumulate(loss_fn, state.params, batch, step_rng, microbatches)
+        fn = loss_fn if state.frozen is None else functools.partial(loss_fn, frozen=state.frozen)
+        loss_sum, weight, metric_sums, grad_sums = accumulate(fn, state.params, batch, step_rng, microbatches)
         denom = jnp.maximum(weight, 1e-9)
         grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grad_sums)
         loss = loss_sum / denom

@@ -1,0 +1,1 @@
+"""Evaluation: scoring with a trained reward model (reward.py)."""
