@@ -12,8 +12,10 @@ on disk (`dpo.reference=precomputed`, cache in dpo.ref_cache_dir), which drops t
 forward pass and its weights from the step.
 
 Presets:
-  tiny       The CPU demo, after `configs/sft.py:tiny`: sigmoid DPO, beta 0.1, on the bundled demo
-             preference pairs; see the README for the measured time, reward margin and accuracy.
+  tiny       The CPU demo, after `configs/sft.py:tiny` (--config.init_from=runs/sft-demo): sigmoid DPO,
+             beta 0.1, on the bundled demo preference pairs. 2-core CPU: ~55 s for 150 steps (0.26 s/step
+             with the reference in the step, 0.22 s precomputed); train reward accuracy 0.70 -> 0.92,
+             held-out reward margin 2.2 / 2.9 / 3.0 and accuracy 76% / 82% / 80% at steps 50 / 100 / 150.
   small30m   The ~30M-parameter benchmark shape of configs/sft.py:small30m (10 layers, hidden 512, 8 rows
              of 512 tokens), from scratch with the demo tokenizer: for `launch/bench.py`.
   llama3_8b  Llama-3-8B DPO from an SFT workdir (--config.init_from) on your preference data: 8x

@@ -9,9 +9,10 @@ s are the rows' absolute scores, z-normalised over the train split (rows without
 Score a trained RM with `python launch/score.py --workdir DIR --input pairs.jsonl`.
 
 Presets:
-  tiny       The CPU demo, after `configs/sft.py:tiny`: the bundled demo preference pairs
-             (align_jax/data/demo/pref_*.jsonl, half with 1-10 scores), 2 pairs per packed 256-token
-             row on average... see the README for the measured time and held-out accuracy.
+  tiny       The CPU demo, after `configs/sft.py:tiny` (--config.init_from=runs/sft-demo): the bundled
+             demo preference pairs (align_jax/data/demo/pref_*.jsonl, half with 1-10 scores), ~3 pairs
+             per packed 256-token row, 99.2% of slots used. 2-core CPU: ~45 s for 150 steps; held-out
+             pair accuracy 80% / 83% / 84% at steps 50 / 100 / 150, eval margin 1.3 -> 1.5.
   small30m   The ~30M-parameter benchmark shape of configs/sft.py:small30m (10 layers, hidden 512, 8 rows
              of 512 tokens), from scratch with the demo tokenizer: for `launch/bench.py`.
   llama3_8b  A Llama-3-8B RM from an SFT workdir or HF directory on your preference data

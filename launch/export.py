@@ -23,6 +23,11 @@ def export(workdir: str, out: str, dtype: str | None = None, step: int | None = 
     from align_jax.stages.build import TOKENIZER_DIR
 
     saved = checkpoint.read_config(workdir, step)
+    if saved.get("config", {}).get("stage") == "rm":
+        raise ValueError(
+            f"{workdir} holds a reward model (decoder + scalar head, read at each response's last target "
+            "token); export writes causal LMs. Score with launch/score.py or align_jax.eval.reward.RewardScorer"
+        )
     cfg = from_hf_dict(saved["hf_model_config"], where=f"{workdir} (saved config)", **saved.get("runtime", {}))
     abstract = nn.meta.unbox(abstract_params(cfg))
     params = checkpoint.restore_params(workdir, abstract, step)

@@ -71,3 +71,23 @@ def test_batch_that_the_mesh_cannot_split_fails_early():
         make_sharder(config)
     config.data.batch_size, config.train.microbatches = 16, 2
     assert make_sharder(config).mesh.shape["data"] == 8
+
+
+def test_preference_formats_match_the_loader():
+    from align_jax.config import PREFERENCE_FORMATS
+    from align_jax.data.preference_formats import PREF_FORMATS
+
+    assert PREFERENCE_FORMATS == PREF_FORMATS
+
+
+def test_dpo_config_rules():
+    config = load_preset("dpo", "tiny")
+    config.unlock()
+    config.dpo.loss_type = "kto"
+    with pytest.raises(ConfigValueError, match="unpaired"):
+        validate(config)
+    config.data.unpaired = True
+    validate(config)
+    config.dpo.loss_type = "dpo_typo"
+    with pytest.raises(ConfigValueError, match=r"dpo\.loss_type"):
+        validate(config)

@@ -175,3 +175,28 @@ def test_cli_chain_and_score(sft_dir, tmp_path):
     assert {"chosen_reward", "rejected_reward"} <= set(scored[0]) and "reward" in scored[1]
     assert scored[1]["reward"] == pytest.approx(scored[0]["chosen_reward"], rel=1e-5)
     assert "accuracy" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_hf_handoff_rm_and_dpo_from_an_hf_dir_and_dpo_export(sft_dir, tmp_path):
+    """init_from an HF directory (the exported SFT model): the RM drops the LM head and adds its own; DPO
+    loads it as policy and reference. A DPO workdir exports as a causal LM; an RM workdir says why not."""
+    sys.path.insert(0, os.path.join(ROOT, "launch"))
+    from export import export
+
+    import align_jax as aj
+
+    hf = str(tmp_path / "sft_hf")
+    export(sft_dir, hf)
+    for stage in ("rm", "dpo"):
+        c = small(stage, steps=2)
+        c.init_from = hf
+        c.data.eval = ""
+        summary = stages.get(stage).run(c, str(tmp_path / stage))
+        assert summary["init"] == "init_from_hf" and summary["final_step"] == 2
+    out = str(tmp_path / "dpo_hf")
+    export(str(tmp_path / "dpo"), out)
+    cfg, params = aj.load_pretrained(out, dtype="float32")
+    tokens = np.arange(1, 9, dtype=np.int32)[None]
+    assert np.isfinite(np.asarray(aj.forward(cfg, params, tokens))).all()
+    with pytest.raises(ValueError, match="reward model"):
+        export(str(tmp_path / "rm"), str(tmp_path / "rm_hf"))

@@ -1,14 +1,16 @@
-"""SFT data: raw rows -> canonical chats -> tokens and loss masks -> packed rows -> sharded batches.
+"""Training data: raw rows -> canonical chats or preference pairs -> tokens and loss masks -> packed rows
+-> sharded batches.
 
 formats.py   raw rows (messages / ShareGPT / Alpaca / prompt-completion) -> canonical records
 sources.py   random-access rows from JSONL / JSON / Parquet files, HF datasets, TFDS
 tokenize.py  chat template rendering and the assistant loss mask
 packing.py   exact-fill packing (99.6% token utilisation on the demo data) into fixed-shape rows
 pipeline.py  shuffling, host sharding, resumable iteration, global batch assembly
-preference.py  chosen/rejected pairs (HH-RLHF, TRL, UltraFeedback) and unpaired KTO rows -> packed pair batches
+preference_formats.py  preference rows (HH-RLHF, TRL, UltraFeedback, plain, KTO) -> canonical records
+preference.py  those records -> packed pair batches (both members of a pair in one row), resumable loaders
 prefetch.py  batches prepared in a background thread, with the consumer's resumable state
 bpe.py       small locally trained byte-level BPE tokenizers with real chat templates (demo, tests)
-demo/        the bundled demo chats and the seeded script that writes them
+demo/        the bundled demo chats and preference pairs, and the seeded script that writes them
 """
 
 import os
