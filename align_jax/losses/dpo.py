@@ -13,7 +13,8 @@ Reference log-probs come from one of two places:
 
 The NLL term (RPO's `rpo_alpha`, and ORPO's own NLL) is the chosen response's mean token NLL, per pair,
 summed over pairs like the rest, rather than TRL's mean over all chosen tokens of a batch: a per-pair
-quantity is what keeps the loss independent of how pairs fall into microbatches.
+quantity is what keeps the loss independent of how pairs fall into microbatches. Two baselines are
+per microbatch, as in TRL they are per device batch: KTO's KL estimate and BCO's reward mean.
 """
 
 from __future__ import annotations

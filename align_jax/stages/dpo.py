@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -113,8 +114,6 @@ class DPORun(PairRun):
         )
 
     def attach_precomputed(self) -> None:
-        import time
-
         from align_jax.data import preference
 
         key = self.cache_key()
