@@ -26,6 +26,7 @@ from align_jax.data.demo.make_demo_data import (
     make_pref_rows,
     write_demo_data,
     write_pref_data,
+    write_rl_data,
 )
 from align_jax.data.formats import Origin, to_record
 from align_jax.data.tokenize import tokenize_chat
@@ -56,9 +57,16 @@ def demo_tokenizers():
 
 
 def test_generator_reproduces_the_bundled_files(tmp_path):
-    paths = write_demo_data(str(tmp_path)) + write_pref_data(str(tmp_path))
+    paths = write_demo_data(str(tmp_path)) + write_pref_data(str(tmp_path)) + write_rl_data(str(tmp_path))
     names = sorted(os.path.basename(p) for p in paths)
-    assert names == ["pref_eval.jsonl", "pref_train.jsonl", "sft_eval.jsonl", "sft_train.jsonl"]
+    assert names == [
+        "pref_eval.jsonl",
+        "pref_train.jsonl",
+        "rl_eval.jsonl",
+        "rl_train.jsonl",
+        "sft_eval.jsonl",
+        "sft_train.jsonl",
+    ]
     assert names == sorted(f for f in os.listdir(DEMO_DIR) if f.endswith(".jsonl")), "a bundled file has no generator"
     for path in paths:
         bundled = os.path.join(DEMO_DIR, os.path.basename(path))
@@ -192,3 +200,17 @@ def test_pref_pairs_fit_in_256_tokens_with_a_512_token_bpe(demo_tokenizers, pref
         assert max(chosen + rejected) < 112, (template, max(chosen + rejected))  # all rows: <= 101
         pairs = [c + r for c, r in zip(chosen, rejected, strict=True)]
         assert max(pairs) < 220, (template, max(pairs))  # all rows: <= 200
+
+
+def test_rl_prompts_have_answers_and_eval_is_new():
+    def rows(name):
+        with open(os.path.join(DEMO_DIR, name), encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    train, evals = rows("rl_train.jsonl"), rows("rl_eval.jsonl")
+    assert len(train) == 2000 and len(evals) == 200
+    for row in train + evals:
+        assert set(row) == {"prompt", "answer"} and row["answer"] and " " not in row["answer"]
+        assert row["prompt"][-1]["role"] == "user"
+    seen = {json.dumps(r["prompt"], sort_keys=True) for r in train}
+    assert not any(json.dumps(r["prompt"], sort_keys=True) in seen for r in evals)

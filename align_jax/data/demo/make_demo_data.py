@@ -503,6 +503,52 @@ def write_pref_data(out_dir: str, **kwargs: int) -> tuple[str, str]:
     return paths
 
 
+RL_TRAIN_SIZE = 2000
+RL_EVAL_SIZE = 200
+RL_STREAM = 200  # seed offset of the RL prompt files' own random streams
+# Tasks whose terse answer is one word or number, so a rule can check a sampled response for it.
+RL_TASKS = (_add, _sub, _mul, _larger, _reverse, _upper, _length, _letter_count)
+
+
+def make_rl_prompt(rng: random.Random) -> dict:
+    """One RL prompt with its reference answer: {"prompt": [messages], "answer": str}. A rule reward
+    (align_jax/rewards.py, exact_match) checks that a response states the answer."""
+    fn = rng.choice(RL_TASKS)
+    question, _, terse = fn(rng)
+    if rng.random() < 0.15:
+        question, terse = f"Answer in capital letters: {question}", terse.upper()
+    system = TERSE if rng.random() < 0.2 else None
+    prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return {"prompt": prompt, "answer": terse}
+
+
+def make_rl_data(
+    train_size: int = RL_TRAIN_SIZE, eval_size: int = RL_EVAL_SIZE, seed: int = SEED
+) -> tuple[list[str], list[str]]:
+    """The JSONL lines of rl_train.jsonl and rl_eval.jsonl; eval prompts are absent from train."""
+    rng = random.Random(seed + RL_STREAM)
+    train = [make_rl_prompt(rng) for _ in range(train_size)]
+    seen = {_prompt_key(row) for row in train}
+    rng = random.Random(seed + RL_STREAM + 1)
+    eval_rows: list[dict] = []
+    while len(eval_rows) < eval_size:
+        row = make_rl_prompt(rng)
+        if _prompt_key(row) not in seen:
+            seen.add(_prompt_key(row))
+            eval_rows.append(row)
+    return [_line(r) for r in train], [_line(r) for r in eval_rows]
+
+
+def write_rl_data(out_dir: str, **kwargs: int) -> tuple[str, str]:
+    """Writes rl_train.jsonl and rl_eval.jsonl into `out_dir`; returns their paths."""
+    train, eval_lines = make_rl_data(**kwargs)
+    paths = os.path.join(out_dir, "rl_train.jsonl"), os.path.join(out_dir, "rl_eval.jsonl")
+    for path, lines in zip(paths, (train, eval_lines), strict=True):
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(lines)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
@@ -514,6 +560,7 @@ def main() -> None:
     args = parser.parse_args()
     paths = write_demo_data(args.out, train_size=args.train, eval_size=args.eval, seed=args.seed)
     paths += write_pref_data(args.out, train_size=args.pref_train, eval_size=args.pref_eval, seed=args.seed)
+    paths += write_rl_data(args.out, seed=args.seed)
     for path in paths:
         print(path)
 
