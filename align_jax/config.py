@@ -127,6 +127,39 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.dpo.reference = "in_step"
     c.dpo.ref_cache_dir = ""  # "" -> ~/.cache/align_jax/ref_logps
 
+    # Online RL (stage grpo): align_jax/stages/grpo.py, losses/rl.py, rewards.py. data.batch_size counts
+    # sampled responses per step: batch_size / group_size prompts, group_size samples each.
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.group_size = 3  # samples per prompt (the report's n = 3)
+    c.grpo.max_prompt_len = 128  # prompt tokens kept (the end of longer prompts); also the prompt bucket
+    c.grpo.max_new_tokens = 64
+    c.grpo.temperature = 1.0
+    c.grpo.top_k = 0
+    c.grpo.top_p = 1.0
+    c.grpo.updates_per_rollout = 1  # optimizer steps on each rollout batch (each is one loop step)
+    c.grpo.clip_eps = 0.2
+    c.grpo.clip_eps_high = 0.0  # 0: = clip_eps; larger: DAPO's clip-higher
+    c.grpo.normalise = "token"  # token | sequence
+    c.grpo.advantage_scale = "std"  # std (GRPO) | none (Dr. GRPO)
+    # KL to the frozen reference (init_from): "reward" puts it in the token-level reward (the report),
+    # "loss" adds kl_coef * KL to the loss (DeepSeekMath), "none" drops it.
+    c.grpo.kl_mode = "reward"
+    c.grpo.kl_coef = 0.05
+    c.grpo.kl_estimator = "topk"  # k1 | k3 | topk (exact KL over the reference's top-k logits)
+    c.grpo.kl_topk = 500
+    c.grpo.rules = "exact_match:1.0"  # reward rules by name (align_jax/rewards.py) with weights
+    c.grpo.rule_kwargs = "{}"  # JSON: {"rule": {"kwarg": value}}
+    c.grpo.rm_workdir = ""  # a trained rm stage's workdir, added to the reward with rm_weight
+    c.grpo.rm_weight = 1.0
+    # PTX: a term on SFT data that keeps the policy near the original model there. "kl": the report's
+    # exact KL(policy || reference) over the reference's top-k logits; "nll": plain next-token NLL.
+    c.grpo.ptx_coef = 0.0  # 0: off
+    c.grpo.ptx_kind = "kl"
+    c.grpo.ptx_data = ""  # SFT chat data (path or demo:NAME), packed into ptx_batch_size rows of data.seq_len
+    c.grpo.ptx_batch_size = 8
+    c.grpo.augment = "none"  # prompt augmentation before sampling (a name in stages/grpo.AUGMENTERS)
+    c.grpo.eval_prompts = 64  # eval: greedy responses to this many eval prompts
+
     c.metrics = ml_collections.ConfigDict()
     c.metrics.tensorboard = True
     c.metrics.wandb_project = ""
@@ -185,6 +218,27 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 "config.dpo.loss_type='kto' trains on unpaired examples: set config.data.unpaired=True to "
                 "split paired data, or give unpaired rows with config.data.format='kto'"
             )
+    if c.stage == "grpo":
+        _one_of(c.grpo.kl_mode, ("reward", "loss", "none"), "grpo.kl_mode")
+        _one_of(c.grpo.kl_estimator, ("k1", "k3", "topk"), "grpo.kl_estimator")
+        _one_of(c.grpo.normalise, ("token", "sequence"), "grpo.normalise")
+        _one_of(c.grpo.advantage_scale, ("std", "none"), "grpo.advantage_scale")
+        _positive(c, "grpo.group_size", "grpo.max_prompt_len", "grpo.max_new_tokens", "grpo.updates_per_rollout")
+        if c.data.batch_size % c.grpo.group_size:
+            raise ConfigValueError(
+                f"config.data.batch_size={c.data.batch_size} (responses per step) is not a multiple of "
+                f"config.grpo.group_size={c.grpo.group_size}"
+            )
+        _one_of(c.grpo.ptx_kind, ("kl", "nll"), "grpo.ptx_kind")
+        if c.grpo.ptx_coef and not c.grpo.ptx_data:
+            raise ConfigValueError("config.grpo.ptx_coef > 0 needs config.grpo.ptx_data (SFT chat data)")
+        if c.grpo.ptx_coef and c.grpo.ptx_batch_size % c.train.microbatches:
+            raise ConfigValueError(
+                f"config.grpo.ptx_batch_size={c.grpo.ptx_batch_size} is not divisible by "
+                f"config.train.microbatches={c.train.microbatches}"
+            )
+        if c.grpo.kl_estimator == "topk" and c.grpo.kl_mode == "loss":
+            raise ConfigValueError("config.grpo.kl_estimator='topk' is for kl_mode='reward'; use k1 or k3 as a loss")
     if c.data.max_pairs < 0:
         raise ConfigValueError(f"config.data.max_pairs={c.data.max_pairs} must be >= 0 (0: seq_len // 32)")
     if not 0 <= c.optim.min_lr_ratio <= 1:

@@ -2,6 +2,8 @@
 
     python launch/bench.py --config configs/{sft,rm,dpo}.py:<preset> [--steps 10] [--compare_torch]
                            [--remat_table] [--compare_reference] [--config.key=value ...]
+    python launch/bench.py --generate --config configs/sft.py:<preset> [--gen_batch 8] [--gen_prompt 64]
+                           [--gen_new 128] [--compare_torch]
 
 Prints a human line, then (last line) one JSON object with tokens_per_s, mfu, packing_efficiency,
 compile_s, step_s, peak_bytes, n_compiles and the model's shape.
@@ -19,6 +21,12 @@ backward plus, with `dpo.reference=in_step`, the reference's forward. --compare_
 DPO step with the reference in the step and with precomputed log-probs on the same batches.
 --remat_table compiles the step for remat none/full with k = 1, 2, 4 layers per checkpoint unit and
 reports compiled peak memory and step time for each.
+
+--generate times `aj.generate` on the preset's model (fresh params) instead of a training step: prefill
+tokens/s (prompt tokens / time of a call with one new token) and decode tokens/s (the remaining
+new tokens / the extra time of a full call), greedy, no eos, so every row runs to the end. With
+--compare_torch the same weights (via save_pretrained -> from_pretrained) run through transformers'
+`generate` (greedy, sdpa, CPU torch) on the same batch, timed the same way.
 """
 
 from __future__ import annotations
@@ -210,6 +218,115 @@ def remat_table(config, workdir: str) -> list[dict]:
     return rows
 
 
+class _NoTokenizer:
+    """Stands in for a tokenizer when only the model shape matters (fresh params, no text)."""
+
+    bos_token_id = eos_token_id = pad_token_id = None
+
+    def __len__(self) -> int:
+        return 0
+
+
+def best_times(fns, repeats: int) -> list[float]:
+    """The best wall time of each function, calls interleaved so that load changes hit all alike."""
+    for fn in fns:
+        fn()  # warm up (compile)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) for ts in times]
+
+
+def bench_generate(config, batch: int, prompt: int, new: int, repeats: int, compare_torch: bool) -> dict:
+    import align_jax as aj
+    from align_jax.generate import compile_count
+    from align_jax.stages import build
+
+    sharder = build.make_sharder(config)
+    cfg = build.model_config(config, _NoTokenizer())
+    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, prompt + new))
+    params = aj.init_params(cfg, jax.random.key(0), sharder)
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(batch, prompt)).astype(np.int32)
+
+    def run(n):
+        out = aj.generate(cfg, params, prompts, max_new_tokens=n, eos_id=(), sharder=sharder)
+        return jax.block_until_ready(out)
+
+    before = compile_count()
+    t0 = time.perf_counter()
+    run(new)
+    compile_s = time.perf_counter() - t0
+    prefill_s, total_s = best_times([lambda: run(1), lambda: run(new)], repeats)
+    out = {
+        "mode": "generate",
+        "batch_size": batch,
+        "prompt_len": prompt,
+        "new_tokens": new,
+        "prefill_tokens_per_s": batch * prompt / prefill_s,
+        "decode_tokens_per_s": batch * (new - 1) / (total_s - prefill_s),
+        "generate_tokens_per_s": batch * new / total_s,
+        "prefill_s": prefill_s,
+        "total_s": total_s,
+        "compile_s": compile_s,
+        "n_compiles": compile_count() - before,  # 2 expected: one program for 1 new token, one for `new`
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_layers": cfg.num_layers,
+        "num_heads": cfg.num_heads,
+        "num_kv_heads": cfg.num_kv_heads,
+        "n_params": cfg.num_params(),
+        "dtype": cfg.dtype,
+        "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+    }
+    if compare_torch:
+        out.update(bench_torch_generate(cfg, params, prompts, new, repeats, np.asarray(run(new).tokens)))
+        out["prefill_ratio_vs_torch"] = out["prefill_tokens_per_s"] / out["torch_prefill_tokens_per_s"]
+        out["decode_ratio_vs_torch"] = out["decode_tokens_per_s"] / out["torch_decode_tokens_per_s"]
+    return out
+
+
+def bench_torch_generate(cfg, params, prompts, new: int, repeats: int, ours) -> dict:
+    import torch
+    import transformers
+
+    import align_jax as aj
+
+    with tempfile.TemporaryDirectory() as d:
+        aj.save_pretrained(cfg, params, d)
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    ids = torch.as_tensor(prompts, dtype=torch.long)
+    mask = torch.ones_like(ids)
+
+    def run(n):
+        with torch.no_grad():
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+
+    prefill_s, total_s = best_times([lambda: run(1), lambda: run(new)], repeats)
+    theirs = run(new)[:, prompts.shape[1] :].numpy()
+    b, p = prompts.shape
+    return {
+        "torch_prefill_tokens_per_s": b * p / prefill_s,
+        "torch_decode_tokens_per_s": b * (new - 1) / (total_s - prefill_s),
+        "torch_generate_tokens_per_s": b * new / total_s,
+        "torch_threads": torch.get_num_threads(),
+        # Same weights, both fp32 greedy: the continuations agree up to float rounding at near-ties.
+        "torch_same_tokens": float(np.mean(theirs == ours)),
+    }
+
+
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -220,7 +337,30 @@ _REMAT = flags.DEFINE_bool("remat_table", False, "compiled peak memory and step 
 _REF = flags.DEFINE_bool(
     "compare_reference", False, "dpo: step time with the reference in the step vs. precomputed log-probs"
 )
+_GEN = flags.DEFINE_bool("generate", False, "time aj.generate (prefill and decode tokens/s) instead of training")
+_GEN_BATCH = flags.DEFINE_integer("gen_batch", 8, "--generate: prompts per batch")
+_GEN_PROMPT = flags.DEFINE_integer("gen_prompt", 64, "--generate: prompt length")
+_GEN_NEW = flags.DEFINE_integer("gen_new", 128, "--generate: new tokens per prompt")
+_GEN_REPEATS = flags.DEFINE_integer("gen_repeats", 5, "--generate: timed calls (the best is reported)")
 flags.mark_flags_as_required(["config"])
+
+
+def main_generate(config) -> int:
+    r = bench_generate(config, _GEN_BATCH.value, _GEN_PROMPT.value, _GEN_NEW.value, _GEN_REPEATS.value, _TORCH.value)
+    line = (
+        f"generate: batch {r['batch_size']}, prompt {r['prompt_len']}, {r['new_tokens']} new: prefill "
+        f"{r['prefill_tokens_per_s']:.0f} tok/s, decode {r['decode_tokens_per_s']:.0f} tok/s, compile "
+        f"{r['compile_s']:.1f}s, {r['n_params'] / 1e6:.1f}M params"
+    )
+    if "decode_ratio_vs_torch" in r:
+        line += (
+            f" | torch prefill {r['torch_prefill_tokens_per_s']:.0f} tok/s, decode "
+            f"{r['torch_decode_tokens_per_s']:.0f} tok/s -> ratio prefill {r['prefill_ratio_vs_torch']:.2f}x, "
+            f"decode {r['decode_ratio_vs_torch']:.2f}x"
+        )
+    print(line)
+    print(json.dumps(r))
+    return 0
 
 
 def main(argv) -> int:
@@ -228,6 +368,8 @@ def main(argv) -> int:
     config = _CONFIG.value
     config.unlock()
     config.train.progress = False
+    if _GEN.value:
+        return main_generate(config)
     with tempfile.TemporaryDirectory() as workdir:
         result = bench_stage(config, _STEPS.value, workdir)
         if _TORCH.value:

@@ -12,6 +12,14 @@ Implementations, chosen by `ModelConfig.attention_impl`:
              segment/causal/window mask is passed as a boolean mask.
   splash     the TPU seam: register a kernel with `register_attention_impl("splash", fn)`.
   auto       cudnn on a GPU for bf16/fp16, else reference.
+
+KV cache (generation): keys and values of every layer, kv-head-major ([B, K, S, H] per layer: the layout
+the score and context dots read without a transposed copy per step), either stacked in one [L, B, K, S, H]
+array (for the layer scan) or as a tuple of L arrays (for the unrolled layer list, which then reads each
+layer's cache without slicing a copy out of the stack). Prefill writes a layer's keys for the whole prompt;
+each decode step writes one slot per layer, in place (the cache is a loop carry, never re-stacked).
+Decode queries attend over the cache with `cached_attention`, the reference math in that layout: a few
+queries per row are memory-bound, and the fused kernels are built for aligned queries and keys.
 """
 
 from __future__ import annotations
@@ -65,6 +73,43 @@ def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float) -> jax.A
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
     return out.reshape(b, t, n, h)
+
+
+def init_cache(
+    num_layers: int, batch: int, length: int, num_kv_heads: int, head_dim: int, dtype, stacked: bool = True
+) -> dict:
+    """Zeroed keys and values for `length` slots of every layer: {"k", "v"}, each one [L, B, K, S, H]
+    array (`stacked`) or a tuple of L [B, K, S, H] arrays. Either way `cache["k"][layer]` is a layer's keys."""
+    shape = (batch, num_kv_heads, length, head_dim)
+    if stacked:
+        return {"k": jnp.zeros((num_layers, *shape), dtype), "v": jnp.zeros((num_layers, *shape), dtype)}
+    return {name: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for name in ("k", "v")}
+
+
+def write_cache(cache, new_BTKH: jax.Array, layer, index: jax.Array):
+    """Writes `new` into layer `layer` at slots [index, index + T) (in place inside a loop). `cache` is
+    stacked [L, B, K, S, H] (any `layer`) or a tuple of per-layer arrays (`layer` a Python int)."""
+    zero = jnp.zeros((), jnp.int32)
+    new_BKTH = new_BTKH.transpose(0, 2, 1, 3)
+    start = (zero, zero, jnp.asarray(index, jnp.int32), zero)
+    if isinstance(cache, tuple):
+        one = jax.lax.dynamic_update_slice(cache[layer], new_BKTH.astype(cache[layer].dtype), start)
+        return (*cache[:layer], one, *cache[layer + 1 :])
+    return jax.lax.dynamic_update_slice(
+        cache, new_BKTH[None].astype(cache.dtype), (jnp.asarray(layer, jnp.int32), *start)
+    )
+
+
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, scale: float) -> jax.Array:
+    """`reference_attention` over keys and values in the cache's kv-head-major layout."""
+    b, t, n, h = q_BTNH.shape
+    kv = k_BKSH.shape[1]
+    q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
+    out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def causal_block_size(length: int) -> int | None:

@@ -14,6 +14,12 @@ The layer stack is an `nn.scan` over units of k = `layers_per_unit` layers (itse
 and the unit is what gets rematerialised: only the residual stream entering each unit is kept for the
 backward pass (the report's multi-layer checkpointing; see `Unit`). `nn.map_variables` presents the [L/k, k, ...]
 unit layout as the canonical [L, ...] one, so checkpoints do not depend on k.
+
+Generation (align_jax/generate.py) runs the same modules with a KV cache: `mode` "prefill" or "decode"
+on Attention/Block/Unit/LayerStack. The cache ({"k", "v"}, each [L, B, K, S, H]) then rides in the layer
+scan's carry next to the residual stream, with a layer counter saying which slice each Block owns, so a
+decode step updates one slot per layer in place instead of re-stacking the whole cache per step.
+`LayerList` runs the same Blocks unrolled, on per-layer weights and a per-layer cache (faster decoding).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.ad_checkpoint import checkpoint_name
 
-from align_jax.models.attention import attention, make_mask
+from align_jax.models.attention import attention, cached_attention, make_mask, write_cache
 from align_jax.models.config import ModelConfig
 from align_jax.models.rope import apply_rope, inv_frequencies
 from align_jax.sharding import Sharder
@@ -81,12 +87,25 @@ class Linear(nn.Module):
         return y
 
 
+CACHE_NAMES = (None, "activation_batch", "activation_kv_heads", None, None)  # [L, B, K, S, H]
+
+
+def constrain_cache(sharder: Sharder, cache: Any) -> Any:
+    """Batch and kv heads sharded like the activations, stacked ([L, B, K, S, H]) or per layer."""
+    return jax.tree.map(lambda c: sharder.constrain(c, CACHE_NAMES[-c.ndim :]), cache)
+
+
 class Attention(nn.Module):
+    """Without a cache: the training forward. With one (`mode` set) it also returns the cache with this
+    layer's keys/values written: "prefill" attends exactly as training does (over the new tokens) and
+    writes slots [0, T); "decode" writes slots [cache_index, cache_index + T) and attends over the cache."""
+
     cfg: ModelConfig
     sharder: Sharder
+    mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array, cache=None, cache_index=None):
         cfg = self.cfg
         e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
 
@@ -104,12 +123,24 @@ class Attention(nn.Module):
         kk = self.sharder.constrain(kk, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = self.sharder.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
 
-        ctx = attention(q, kk, v, mask_BTS, impl=cfg.attention_impl, aligned=True, sliding_window=cfg.sliding_window)
+        if cache is not None:
+            layer = cache["layer"]
+            index = jnp.zeros((), jnp.int32) if self.mode == "prefill" else cache_index
+            k_cache = constrain_cache(self.sharder, write_cache(cache["k"], kk, layer, index))
+            v_cache = constrain_cache(self.sharder, write_cache(cache["v"], v, layer, index))
+            cache = {"k": k_cache, "v": v_cache, "layer": layer}
+        if self.mode == "decode":
+            ctx = cached_attention(q, k_cache[layer], v_cache[layer], mask_BTS, h**-0.5)
+        else:
+            ctx = attention(
+                q, kk, v, mask_BTS, impl=cfg.attention_impl, aligned=True, sliding_window=cfg.sliding_window
+            )
         ctx = checkpoint_name(ctx, "attn_context")
         o_proj = Linear(
             cfg, (n, h, e), ("heads", "head_dim", "embed"), "btnh,nhe->bte", n_in=2, use_bias=cfg.o_bias, name="o_proj"
         )
-        return checkpoint_name(o_proj(ctx), "attn_out")
+        out = checkpoint_name(o_proj(ctx), "attn_out")
+        return out if cache is None else (out, cache)
 
 
 class Mlp(nn.Module):
@@ -129,26 +160,37 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """One decoder layer, with the (carry, broadcast inputs) -> (carry, None) signature of nn.scan."""
+    """One decoder layer, with the (carry, broadcast inputs) -> (carry, None) signature of nn.scan.
+
+    The carry is the residual stream; with a cache (`mode` set) it is (stream, cache), and the cache's
+    "layer" counter advances by one per Block."""
 
     cfg: ModelConfig
     sharder: Sharder
+    mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS):
+    def __call__(self, carry, positions_BT, mask_BTS, cache_index=None):
+        x_BTE, cache = (carry, None) if self.mode is None else carry
         h = RMSNorm(self.cfg, name="input_norm")(x_BTE)
-        x_BTE = x_BTE + Attention(self.cfg, self.sharder, name="attn")(h, positions_BT, mask_BTS)
+        attn = Attention(self.cfg, self.sharder, self.mode, name="attn")
+        if cache is None:
+            x_BTE = x_BTE + attn(h, positions_BT, mask_BTS)
+        else:
+            out, cache = attn(h, positions_BT, mask_BTS, cache, cache_index)
+            x_BTE, cache = x_BTE + out, {**cache, "layer": cache["layer"] + 1}
         h = RMSNorm(self.cfg, name="post_attn_norm")(x_BTE)
         x_BTE = x_BTE + Mlp(self.cfg, self.sharder, name="mlp")(h)
-        return self.sharder.constrain(x_BTE, BTE), None
+        x_BTE = self.sharder.constrain(x_BTE, BTE)
+        return (x_BTE if cache is None else (x_BTE, cache)), None
 
 
-def _scan(module_cls, length: int, unroll: int = 1):
+def _scan(module_cls, length: int, unroll: int = 1, n_broadcast: int = 2):
     return nn.scan(
         module_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast,) * n_broadcast,
         length=length,
         unroll=min(unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -165,16 +207,17 @@ class Unit(nn.Module):
 
     cfg: ModelConfig
     sharder: Sharder
+    mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS):
+    def __call__(self, carry, positions_BT, mask_BTS, *cache_index):
         cfg = self.cfg
         layer = Block
-        if cfg.remat_policy != "none" and cfg.layers_per_unit > 1:
+        if cfg.remat_policy != "none" and cfg.layers_per_unit > 1 and self.mode is None:
             layer = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        block = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll)(cfg, self.sharder, name="unit")
-        x_BTE, _ = block(x_BTE, positions_BT, mask_BTS)
-        return x_BTE, None
+        scan = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll, 2 + len(cache_index))
+        carry, _ = scan(cfg, self.sharder, self.mode, name="unit")(carry, positions_BT, mask_BTS, *cache_index)
+        return carry, None
 
 
 def remat_policy(name: str) -> Any:
@@ -218,21 +261,58 @@ def _layers_to_units(cfg: ModelConfig):
 
 
 class LayerStack(nn.Module):
+    """x -> x; with a cache (`mode` set), (x, cache) -> (x, cache)."""
+
     cfg: ModelConfig
     sharder: Sharder
+    mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS):
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
         cfg = self.cfg
         unit = Unit
-        if cfg.remat_policy != "none":
+        if cfg.remat_policy != "none" and self.mode is None:  # nothing to rematerialise without a backward pass
             unit = nn.remat(Unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
         n_units = cfg.num_layers // cfg.layers_per_unit
-        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit))
+        extra = () if cache is None else (cache_index,)
+        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit), 2 + len(extra))
         trans_in, trans_out = _layers_to_units(cfg)
         stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
-        x_BTE, _ = stack(cfg, self.sharder, name="stack")(x_BTE, positions_BT, mask_BTS)
-        return x_BTE
+        carry = x_BTE if cache is None else (x_BTE, {**cache, "layer": jnp.zeros((), jnp.int32)})
+        carry, _ = stack(cfg, self.sharder, self.mode, name="stack")(carry, positions_BT, mask_BTS, *extra)
+        if cache is None:
+            return carry
+        x_BTE, cache = carry
+        return x_BTE, {"k": cache["k"], "v": cache["v"]}
+
+
+class LayerList(nn.Module):
+    """The layers as L separate Blocks with params {"layer_0": ..., ...} (see `unstack_layers`), with a
+    cache only (stacked or per layer). Generation decodes through this: inside the loop over tokens, XLA
+    copies every layer's weights (and cache) out of stacked [L, ...] arrays on every step (it does not
+    hoist those slices out of the loop), while separate per-layer arrays are read in place. Same Blocks,
+    same numbers."""
+
+    cfg: ModelConfig
+    sharder: Sharder
+    mode: str
+
+    @nn.compact
+    def __call__(self, x_BTE, positions_BT, mask_BTS, cache, cache_index):
+        carry = (x_BTE, {"k": cache["k"], "v": cache["v"], "layer": 0})
+        for i in range(self.cfg.num_layers):
+            block = Block(self.cfg, self.sharder, self.mode, name=f"layer_{i}")
+            carry, _ = block(carry, positions_BT, mask_BTS, cache_index)
+        x_BTE, cache = carry
+        return x_BTE, {"k": cache["k"], "v": cache["v"]}
+
+
+def unstack_layers(params: Any) -> Any:
+    """The params tree for `Decoder(unstacked=True)`: layers/stack's [L, ...] leaves as L per-layer trees."""
+    stacked = params["layers"]["stack"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    layers = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+    return {**params, "layers": layers}
 
 
 class Embedding(nn.Module):
@@ -254,13 +334,30 @@ class LmHead(nn.Module):
 
 
 class Decoder(nn.Module):
-    """tokens [B,T] -> float32 logits [B,T,V] (or the final-normed hidden states [B,T,E])."""
+    """tokens [B,T] -> float32 logits [B,T,V] (or the final-normed hidden states [B,T,E]).
+
+    With a KV `cache` (see attention.init_cache) it returns (logits [B, 1, V] of the last position,
+    updated cache). `cache_index=None` is prefill: the T tokens are computed exactly as in training and
+    written to slots [0, T). Otherwise it is a decode step: slot `cache_index + t` holds token t, and the
+    queries attend over every slot their `kv_segment_ids_BS` [B, S] allows (slot order is causal order).
+    `unstacked=True` (with a cache only) runs the layers as a `LayerList` on `unstack_layers(params)`."""
 
     cfg: ModelConfig
     sharder: Sharder = Sharder()
+    unstacked: bool = False
 
     @nn.compact
-    def __call__(self, tokens_BT, positions_BT, segment_ids_BT, *, return_hidden: bool = False):
+    def __call__(
+        self,
+        tokens_BT,
+        positions_BT,
+        segment_ids_BT,
+        *,
+        return_hidden: bool = False,
+        cache=None,
+        cache_index=None,
+        kv_segment_ids_BS=None,
+    ):
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
         embedding = Embedding(cfg, name="embed")()
         x = jnp.take(embedding, tokens_BT, axis=0).astype(dtype)
@@ -270,14 +367,30 @@ class Decoder(nn.Module):
         x = self.sharder.constrain(x, BTE)
 
         index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :], tokens_BT.shape)
-        mask_BTS = make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT, cfg.sliding_window)
-        x = LayerStack(cfg, self.sharder, name="layers")(x, positions_BT, mask_BTS)
+        if cache is None or cache_index is None:
+            mask_BTS = make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT, cfg.sliding_window)
+        else:
+            kv_index_BS = jnp.broadcast_to(
+                jnp.arange(kv_segment_ids_BS.shape[1], dtype=jnp.int32)[None, :], kv_segment_ids_BS.shape
+            )
+            mask_BTS = make_mask(
+                segment_ids_BT, kv_segment_ids_BS, index_BT + cache_index, kv_index_BS, cfg.sliding_window
+            )
+        if cache is None:
+            x = LayerStack(cfg, self.sharder, name="layers")(x, positions_BT, mask_BTS)
+        else:
+            mode = "prefill" if cache_index is None else "decode"
+            index = jnp.zeros((), jnp.int32) if cache_index is None else cache_index
+            layers = (LayerList if self.unstacked else LayerStack)(cfg, self.sharder, mode, name="layers")
+            x, cache = layers(x, positions_BT, mask_BTS, cache, index)
+            x = x[:, -1:]  # sampling needs the last position only
         x = RMSNorm(cfg, name="final_norm")(x)
         if return_hidden:
-            return x
+            return x if cache is None else (x, cache)
         w_EV = embedding.T if cfg.tie_word_embeddings else LmHead(cfg, name="lm_head")()
         logits = jnp.einsum("bte,ev->btv", x, w_EV.astype(dtype), preferred_element_type=jnp.float32)
-        return self.sharder.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        logits = self.sharder.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits if cache is None else (logits, cache)
 
 
 def default_positions(tokens_BT: jax.Array) -> jax.Array:

@@ -85,7 +85,7 @@ def drive(
     r: StageRun,
     initial_state: Callable[[checkpoint.Checkpointer], tuple[Any, dict, str]],
     *,
-    summary_extra: dict | None = None,
+    summary_extra: dict | Callable[[], dict] | None = None,
 ) -> dict:
     """Initialises (resume / init_from / scratch), trains to config.train.steps, writes summary.json."""
     config, workdir, tc = r.config, r.workdir, r.config.train
@@ -132,7 +132,8 @@ def drive(
         r.feed.close()
         checkpointer.close()
         writer.close()
-    summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats(), **(summary_extra or {}))
+    extra = summary_extra() if callable(summary_extra) else summary_extra
+    summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats(), **(extra or {}))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)

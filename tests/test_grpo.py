@@ -1,0 +1,105 @@
+"""The grpo stage end to end on a small model: rollout, rewards, KL modes, metrics, one compilation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from align_jax import stages
+from align_jax.metrics import read_metrics
+from tests.test_configs import load_preset
+
+SMALL = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+
+
+def small(stage, **train):
+    c = load_preset(stage, "tiny")
+    c.unlock()
+    c.model.update(**SMALL)
+    c.mesh.update(data=-1, fsdp=2)
+    c.train.update(progress=False, log_every=1, eval_every=0, ckpt_every=0, async_checkpoint=False, **train)
+    return c
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("sft")
+    c = small("sft", steps=6)
+    c.data.update(seq_len=128, batch_size=8)
+    c.data.eval = ""
+    stages.get("sft").run(c, str(work))
+    return str(work)
+
+
+def grpo_config(sft_dir, **grpo):
+    c = small("grpo", steps=4)
+    c.init_from = sft_dir
+    c.data.batch_size = 24  # 8 prompts x 3 samples: divides over the 8 test devices
+    c.grpo.update(group_size=3, max_prompt_len=64, max_new_tokens=8, eval_prompts=8, **grpo)
+    return c
+
+
+def test_grpo_steps_log_what_the_issue_asks_and_compile_once(sft_dir, tmp_path):
+    from align_jax.stages.grpo import GRPORun
+
+    c = grpo_config(sft_dir, updates_per_rollout=2, kl_mode="reward", kl_estimator="topk", kl_topk=16)
+    c.train.eval_every = 4
+    work = str(tmp_path / "grpo")
+    r = GRPORun(c, work)
+    from align_jax.stages import runner
+
+    summary = runner.drive(r, r.initial_state, summary_extra=lambda: {"rollouts": r.rollouts})
+    assert summary["final_step"] == 4 and summary["init"] == "init_from_workdir"
+    assert r.rollouts == 2  # two updates per rollout
+    assert r.train_step._cache_size() == 1  # responses of different lengths, one compiled update
+    rows = [x for x in read_metrics(work) if "loss" in x]
+    for key in ("reward/mean", "reward/std", "reward/exact_match", "kl", "entropy", "clip_fraction",
+                "response_length", "time/rollout_s", "time/logprobs_s", "step_s", "grad_norm"):  # fmt: skip
+        assert key in rows[0] and np.isfinite(rows[-1][key]), key
+    # The first update of a rollout starts at the rollout's own params: ratio 1, nothing clipped.
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5) and rows[0]["clip_fraction"] == 0.0
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # policy = reference at the start
+    assert {"final_eval_reward", "final_eval_reward/exact_match", "final_eval_response_length"} <= set(summary)
+    assert summary["data"]["prompt_rows"] == 2 * 8
+
+
+@pytest.mark.parametrize(("mode", "estimator"), [("loss", "k3"), ("none", "k1")])
+def test_grpo_kl_modes(sft_dir, tmp_path, mode, estimator):
+    c = grpo_config(sft_dir, kl_mode=mode, kl_estimator=estimator, rules="exact_match:1.0,length_penalty:0.5")
+    c.train.steps = 2
+    c.data.eval = ""
+    summary = stages.get("grpo").run(c, str(tmp_path / mode))
+    rows = [x for x in read_metrics(str(tmp_path / mode)) if "loss" in x]
+    assert summary["final_step"] == 2 and all(np.isfinite(x["loss"]) for x in rows)
+    assert ("kl_loss" in rows[0]) == (mode == "loss")
+    assert "reward/length_penalty" in rows[0]
+
+
+def test_prompt_rows_are_checked(tmp_path):
+    from align_jax.data.formats import BadRowError, Origin
+    from align_jax.stages.grpo import prompt_messages
+
+    assert prompt_messages({"prompt": "hi"}, None) == [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRowError, match=r"rows\.jsonl.*prompt"):
+        prompt_messages({"question": "hi"}, Origin("rows.jsonl", 3, "line"))
+
+
+@pytest.mark.parametrize("kind", ["kl", "nll"])
+def test_grpo_with_ptx_term(sft_dir, tmp_path, kind):
+    c = grpo_config(sft_dir, ptx_coef=0.5, ptx_kind=kind, ptx_data="demo:sft_eval", ptx_batch_size=8, kl_topk=16)
+    c.train.update(steps=3, ckpt_every=2)
+    c.data.eval = ""
+    work = str(tmp_path / kind)
+    summary = stages.get("grpo").run(c, work)
+    rows = [x for x in read_metrics(work) if "loss" in x]
+    assert summary["final_step"] == 3 and all(np.isfinite(x[f"ptx_{kind}"]) for x in rows)
+    if kind == "kl":  # the policy starts as the reference: no KL on the SFT data at the first step
+        assert rows[0]["ptx_kl"] == pytest.approx(0.0, abs=1e-5)
+    else:
+        assert rows[0]["ptx_nll"] > 0
+    # Resuming restores the prompt position and the SFT stream's.
+    import shutil
+
+    shutil.rmtree(f"{work}/checkpoints/3")
+    again = stages.get("grpo").run(c, work)
+    assert again["init"] == "resumed" and again["start_step"] == 2 and again["data"]["prompt_rows"] == 3 * 8
