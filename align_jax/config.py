@@ -157,6 +157,13 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.grpo.ptx_kind = "kl"
     c.grpo.ptx_data = ""  # SFT chat data (path or demo:NAME), packed into ptx_batch_size rows of data.seq_len
     c.grpo.ptx_batch_size = 8
+    # "ppo" instead of GRPO: a value model (init_from's decoder + a fresh scalar head) trained alongside,
+    # per-token rewards with the KL inside (kl_mode must be "reward"), GAE advantages, clipped value loss.
+    c.grpo.algorithm = "grpo"
+    c.grpo.gamma = 1.0
+    c.grpo.lam = 0.95
+    c.grpo.vf_coef = 0.1
+    c.grpo.value_clip_eps = 0.2
     c.grpo.augment = "none"  # prompt augmentation before sampling (a name in stages/grpo.AUGMENTERS)
     c.grpo.eval_prompts = 64  # eval: greedy responses to this many eval prompts
 
@@ -230,6 +237,9 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"config.grpo.group_size={c.grpo.group_size}"
             )
         _one_of(c.grpo.ptx_kind, ("kl", "nll"), "grpo.ptx_kind")
+        _one_of(c.grpo.algorithm, ("grpo", "ppo"), "grpo.algorithm")
+        if c.grpo.algorithm == "ppo" and c.grpo.kl_mode == "loss":
+            raise ConfigValueError("config.grpo.algorithm='ppo' keeps the KL in the reward: kl_mode 'reward' or 'none'")
         if c.grpo.ptx_coef and not c.grpo.ptx_data:
             raise ConfigValueError("config.grpo.ptx_coef > 0 needs config.grpo.ptx_data (SFT chat data)")
         if c.grpo.ptx_coef and c.grpo.ptx_batch_size % c.train.microbatches:

@@ -8,7 +8,9 @@ config.grpo.rm_workdir), normalises returns within each group, and takes a clipp
 step. The KL to the reference sits in the token-level reward by default (kl_mode=reward), exact over
 the reference's top-k logits (kl_estimator=topk, kl_topk=500), as in the report. Metrics: reward mean
 and std (and each rule's), KL, entropy, clip fraction, response length, and the rollout / log-probs /
-update time of every step.
+update time of every step. `--config.grpo.algorithm=ppo` runs PPO instead: a value model (init_from's
+decoder + a fresh scalar head) trained beside the policy, KL in the per-token reward, GAE advantages,
+clipped value loss.
 
 Presets:
   tiny       The CPU demo, after `configs/sft.py:tiny` (--config.init_from=runs/sft-demo): the bundled

@@ -103,3 +103,30 @@ def test_grpo_with_ptx_term(sft_dir, tmp_path, kind):
     shutil.rmtree(f"{work}/checkpoints/3")
     again = stages.get("grpo").run(c, work)
     assert again["init"] == "resumed" and again["start_step"] == 2 and again["data"]["prompt_rows"] == 3 * 8
+
+
+def test_ppo_trains_a_value_model_beside_the_policy(sft_dir, tmp_path):
+    import jax
+
+    from align_jax.checkpoint import restore_params
+    from align_jax.stages import runner
+    from align_jax.stages.grpo import GRPORun
+
+    c = grpo_config(sft_dir, algorithm="ppo", kl_estimator="k1", vf_coef=0.5)
+    c.train.update(steps=3, ckpt_every=3)
+    c.data.eval = ""
+    work = str(tmp_path / "ppo")
+    r = GRPORun(c, work)
+    summary = runner.drive(r, r.initial_state)
+    assert summary["final_step"] == 3
+    rows = [x for x in read_metrics(work) if "loss" in x]
+    assert all(np.isfinite(x["value_loss"]) and np.isfinite(x["loss"]) for x in rows)
+    params = restore_params(work, r.setup.abstract_params)
+    assert set(params) == {"policy", "value"} and set(params["value"]) == {"decoder", "head"}
+    start = restore_params(sft_dir, r.setup.abstract_params["policy"])
+    # Both models moved away from the SFT weights they started from, and they are separate arrays.
+    for name in ("policy", "value"):
+        tree = params[name] if name == "policy" else params[name]["decoder"]
+        moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), tree,
+                                             {k: v for k, v in start.items() if k in tree}))  # fmt: skip
+        assert max(moved) > 0, name

@@ -235,18 +235,21 @@ def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> d
     }
 
 
-def init_from_params(setup: StateSetup, config: ml_collections.ConfigDict) -> Any:
+def init_from_params(
+    setup: StateSetup, config: ml_collections.ConfigDict, abstract: Any = None, shardings: Any = None
+) -> Any:
     """The params the run started from (init_from's, or the seeded fresh init), in the param shardings:
-    DPO's frozen reference, reloaded on resume rather than stored in every checkpoint."""
+    DPO's frozen reference, reloaded on resume rather than stored in every checkpoint. `abstract` and
+    `shardings` name the decoder's part when the stage's params hold more (PPO's policy + value)."""
     cfg, sharder = setup.model_cfg, setup.sharder
+    abstract = setup.abstract_params if abstract is None else abstract
+    shardings = setup.param_shardings if shardings is None else shardings
     if not config.init_from:
-        init = jax.jit(
-            lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)), out_shardings=setup.param_shardings
-        )
+        init = jax.jit(lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)), out_shardings=shardings)
         return init(jax.random.key(int(config.seed)))
     if checkpoint.is_hf_dir(config.init_from):
         from align_jax.models.hf import load_pretrained
 
         _, params = load_pretrained(config.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype, sharder=sharder)
         return params
-    return checkpoint.restore_params(config.init_from, setup.abstract_params)
+    return checkpoint.restore_params(config.init_from, abstract)

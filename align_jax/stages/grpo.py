@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import linen as nn
 
 from align_jax import rewards
 from align_jax.config import resolve_data_path, validate
@@ -44,9 +45,12 @@ from align_jax.generate import generate
 from align_jax.losses import rl
 from align_jax.losses.sft import token_nll
 from align_jax.metrics import flops_per_token
-from align_jax.models.transformer import Decoder
+from align_jax.models.heads import ScalarModel
+from align_jax.models.hf import abstract_params
+from align_jax.models.transformer import Decoder, boxed_init
 from align_jax.sharding import batch_sharding
 from align_jax.stages import build, runner
+from align_jax.stages.rm import boxed_reward_init
 from align_jax.train import loop
 from align_jax.train.step import make_train_step
 
@@ -159,7 +163,15 @@ class GRPORun(runner.StageRun):
         self.sharder = build.make_sharder(config)
         self.model_cfg = build.model_config(config, self.tokenizer)
         self.model = Decoder(self.model_cfg, self.sharder)
-        self.setup = build.setup_state(self.model_cfg, self.sharder, config)
+        self.ppo = g.algorithm == "ppo"
+        if self.ppo:
+            self.value_model = ScalarModel(self.model_cfg, self.sharder)
+            boxed_value = jax.eval_shape(functools.partial(boxed_reward_init, self.value_model), jax.random.key(0))
+            boxed = {"policy": abstract_params(self.model_cfg, self.sharder), "value": boxed_value}
+            self.setup = build.setup_state(self.model_cfg, self.sharder, config, boxed_abstract=boxed)
+        else:
+            self.value_model = None
+            self.setup = build.setup_state(self.model_cfg, self.sharder, config)
         self.reward = rewards.build_reward(g.rules, json.loads(g.rule_kwargs), g.rm_workdir, float(g.rm_weight))
         if g.augment not in AUGMENTERS:
             raise ValueError(f"config.grpo.augment={g.augment!r}; registered augmenters: {sorted(AUGMENTERS)}")
@@ -177,7 +189,11 @@ class GRPORun(runner.StageRun):
             if g.ptx_kind == "kl":
                 self.batch_shardings.update(ptx_ref_values=batch_sharding(self.sharder, 3))
                 self.batch_shardings.update(ptx_ref_indices=batch_sharding(self.sharder, 3))
-        loss = functools.partial(grpo_loss, model=self.model, config=g)
+        if self.ppo:
+            self.batch_shardings.update(returns=batch_sharding(self.sharder), old_values=batch_sharding(self.sharder))
+            loss = functools.partial(ppo_loss, model=self.model, value_model=self.value_model, config=g)
+        else:
+            loss = functools.partial(grpo_loss, model=self.model, config=g)
         self.train_step = make_train_step(
             loss,
             self.setup.optimizer,
@@ -188,6 +204,10 @@ class GRPORun(runner.StageRun):
         k = min(int(g.kl_topk), self.model_cfg.vocab_size)
         self._score = jax.jit(functools.partial(score_samples, model=self.model, estimator=g.kl_estimator, topk=k))
         self._ptx_ref = jax.jit(functools.partial(reference_topk_of, model=self.model, topk=k))
+        if self.ppo:
+            self._values = jax.jit(
+                lambda p, b: self.value_model.apply({"params": p}, b["tokens"], b["positions"], b["segment_ids"])
+            )
         self.state, self.ref_params, self.cached, self.left = None, None, None, 0
         self.rollouts, self.rollout_metrics = 0, {}
 
@@ -219,10 +239,47 @@ class GRPORun(runner.StageRun):
     # -- state and driver hooks ---------------------------------------------------------------------
 
     def initial_state(self, checkpointer) -> tuple[Any, dict, str]:
-        state, data_state, how = build.initial_state(self.setup, self.config, checkpointer, self.workdir)
-        self.ref_params = build.init_from_params(self.setup, self.config)
+        if not self.ppo:
+            state, data_state, how = build.initial_state(self.setup, self.config, checkpointer, self.workdir)
+            self.ref_params = build.init_from_params(self.setup, self.config)
+        else:
+            state, data_state, how = self._ppo_initial_state(checkpointer)
+            s = self.setup
+            self.ref_params = build.init_from_params(
+                s, self.config, s.abstract_params["policy"], s.param_shardings["policy"]
+            )
         self.state = state
         return state, data_state, how
+
+    def _ppo_initial_state(self, checkpointer):
+        """Policy = init_from; value model = init_from's decoder + a fresh scalar head."""
+        s, seed = self.setup, int(self.config.seed)
+        head = jax.jit(
+            lambda rng: nn.meta.unbox(boxed_reward_init(self.value_model, rng))["head"],
+            out_shardings=s.param_shardings["value"]["head"],
+        )
+
+        def fresh(rng):
+            policy = nn.meta.unbox(boxed_init(self.model_cfg, rng, sharder=self.sharder))
+            return {"policy": policy, "value": nn.meta.unbox(boxed_reward_init(self.value_model, rng))}
+
+        def from_init(params):
+            # A copy for the value model: the two must not share buffers (the step donates the state).
+            decoder = {k: v.copy() for k, v in params.items() if k != "lm_head"}
+            return {"policy": params, "value": {"decoder": decoder, "head": head(jax.random.key(seed))}}
+
+        return build.initial_state(
+            s,
+            self.config,
+            checkpointer,
+            self.workdir,
+            fresh_params=fresh,
+            init_abstract_params=s.abstract_params["policy"],
+            params_from_init=from_init,
+        )
+
+    def policy_params(self, state) -> Any:
+        return state.params["policy"] if self.ppo else state.params
 
     def step_fn(self, state, batch):
         self.state, metrics = self.train_step(state, batch)
@@ -297,17 +354,21 @@ class GRPORun(runner.StageRun):
         t0 = time.perf_counter()
         rows = self.prompts.take(int(c.data.batch_size) // n)
         seed = int(np.random.default_rng([int(c.seed), self.rollouts]).integers(2**31))
-        prompts, kept, texts, host, glen = self.sample(self.state.params, rows, n, greedy=False, seed=seed)
+        policy = self.policy_params(self.state)
+        prompts, kept, texts, host, glen = self.sample(policy, rows, n, greedy=False, seed=seed)
         t1 = time.perf_counter()
         scores, parts = self.reward(prompts, texts, kept)
         batch = self.global_batch(host)
-        old_logp, ref_logp, kl = self._score(self.state.params, self.ref_params, batch)
+        old_logp, ref_logp, kl = self._score(policy, self.ref_params, batch)
         mask = np.asarray(host["loss_mask"][:, 1:], np.float32)
         kl_tok = np.asarray(jax.device_get(kl)) * mask
         kl_seq = kl_tok.sum(axis=1)
-        adv = np.asarray(rl.group_advantages(jnp.asarray(scores), n, scale=g.advantage_scale))
-        adv = np.broadcast_to(adv[:, None], mask.shape) * mask
-        if g.kl_mode == "reward":
+        if self.ppo:
+            adv = self.ppo_targets(batch, scores, kl_tok, mask)
+        else:
+            adv = np.asarray(rl.group_advantages(jnp.asarray(scores), n, scale=g.advantage_scale))
+            adv = np.broadcast_to(adv[:, None], mask.shape) * mask
+        if g.kl_mode == "reward" and not self.ppo:
             # Token rewards -kl_coef * KL_t (+ the score at the end): the KL part of a token's return is
             # the KL still to come. It joins the group-normalised score unnormalised: normalising it with
             # the scores would blow tiny KL differences between equally scored samples up to +-1, and
@@ -340,6 +401,20 @@ class GRPORun(runner.StageRun):
         }
         return batch, loop.batch_stats(host)
 
+    def ppo_targets(self, batch, scores, kl_tok, mask) -> np.ndarray:
+        """PPO: token rewards (KL inside, score at the end), values of the old value model, GAE; stores the
+        returns and old values in the batch and returns the whitened advantages [B, T-1]."""
+        g = self.config.grpo
+        kl_coef = float(g.kl_coef) if g.kl_mode == "reward" else 0.0
+        m = jnp.asarray(mask)
+        rewards = rl.kl_in_reward(jnp.asarray(scores), jnp.asarray(kl_tok), m, kl_coef=kl_coef)
+        values = self._values(self.state.params["value"], batch)[:, :-1]  # state at t, before token t+1
+        adv, returns = rl.gae(rewards, values, m, gamma=float(g.gamma), lam=float(g.lam))
+        adv = rl.whiten(adv, m)
+        pad = lambda x: self.global_batch({"x": np.pad(np.asarray(x, np.float32), ((0, 0), (0, 1)))})["x"]  # noqa: E731
+        batch.update(returns=pad(returns), old_values=pad(values))
+        return np.asarray(adv)
+
     def evaluate(self, state) -> dict[str, float]:
         """Greedy responses to the first `grpo.eval_prompts` eval prompts: mean reward (and each part)."""
         bs = int(self.config.data.batch_size)
@@ -348,7 +423,7 @@ class GRPORun(runner.StageRun):
             chunk = self.eval_rows[lo : lo + bs]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (bs - real)  # a full batch: one compiled shape
-            prompts, kept, texts, _, glen = self.sample(state.params, chunk, 1, greedy=True, seed=0)
+            prompts, kept, texts, _, glen = self.sample(self.policy_params(state), chunk, 1, greedy=True, seed=0)
             scores, parts = self.reward(prompts[:real], texts[:real], kept[:real])
             totals += float(scores.sum())
             for k, v in parts.items():
@@ -422,6 +497,25 @@ def grpo_loss(params, batch, rng, *, model, config) -> tuple[jax.Array, jax.Arra
         loss_sum = loss_sum + float(config.ptx_coef) * ptx_sum * denom / jnp.maximum(ptx_n, 1.0)
         metrics[f"ptx_{config.ptx_kind}"] = (ptx_sum, ptx_n)
     metrics["entropy"] = rl.entropy_from_logits(jax.lax.stop_gradient(logits), mask)
+    return loss_sum, denom, metrics
+
+
+def ppo_loss(params, batch, rng, *, model, value_model, config) -> tuple[jax.Array, jax.Array, dict]:
+    """PPO: the clipped policy gradient with per-token (GAE) advantages, plus vf_coef x the clipped value
+    loss, both per token in the objective's normalisation; PTX as in GRPO."""
+    loss_sum, denom, metrics = grpo_loss(params["policy"], batch, rng, model=model, config=config)
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    values = value_model.apply({"params": params["value"]}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    v_sum, v_n = rl.value_loss(
+        values[:, :-1],
+        batch["old_values"][:, :-1],
+        batch["returns"][:, :-1],
+        mask,
+        clip_eps=float(config.value_clip_eps),
+    )
+    loss_sum = loss_sum + float(config.vf_coef) * v_sum * denom / jnp.maximum(v_n, 1.0)
+    metrics["value_loss"] = (v_sum, v_n)
+    metrics["value_mean"] = ((values[:, :-1] * mask).sum(), mask.sum())
     return loss_sum, denom, metrics
 
 
