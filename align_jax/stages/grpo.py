@@ -376,10 +376,9 @@ class GRPORun(runner.StageRun):
             togo = np.flip(np.cumsum(np.flip(kl_tok, axis=1), axis=1), axis=1)
             adv = adv - float(g.kl_coef) * togo * mask
         adv = np.concatenate([adv, np.zeros((adv.shape[0], 1), np.float32)], axis=1)  # [B, T], like the tokens
-        pad = lambda x: jnp.pad(x, ((0, 0), (0, 1)))  # [B, T-1] -> [B, T]: the batch's shape  # noqa: E731
         batch.update(
-            old_logp=pad(old_logp),
-            ref_logp=pad(ref_logp),
+            old_logp=pad_last(old_logp),
+            ref_logp=pad_last(ref_logp),
             advantages=self.global_batch({"a": adv.astype(np.float32)})["a"],
         )
         if self.ptx is not None:
@@ -411,8 +410,7 @@ class GRPORun(runner.StageRun):
         values = self._values(self.state.params["value"], batch)[:, :-1]  # state at t, before token t+1
         adv, returns = rl.gae(rewards, values, m, gamma=float(g.gamma), lam=float(g.lam))
         adv = rl.whiten(adv, m)
-        pad = lambda x: self.global_batch({"x": np.pad(np.asarray(x, np.float32), ((0, 0), (0, 1)))})["x"]  # noqa: E731
-        batch.update(returns=pad(returns), old_values=pad(values))
+        batch.update(returns=pad_last(returns), old_values=pad_last(values))
         return np.asarray(adv)
 
     def evaluate(self, state) -> dict[str, float]:
@@ -433,6 +431,11 @@ class GRPORun(runner.StageRun):
         out = {"eval_reward": totals / max(count, 1), "eval_response_length": lengths / max(count, 1)}
         out.update({f"eval_reward/{k}": v / max(count, 1) for k, v in parts_sum.items()})
         return out
+
+
+def pad_last(x_BT1: jax.Array) -> jax.Array:
+    """[B, T-1] per-target values -> [B, T] (a zero last column), the shape every batch field has."""
+    return jnp.pad(jnp.asarray(x_BT1, jnp.float32), ((0, 0), (0, 1)))
 
 
 def build_eot_ids(tokenizer) -> frozenset[int]:
