@@ -89,9 +89,7 @@ def make_run(config, workdir: str):
 def with_reference_logps(run, state, batches: list) -> list:
     """Precomputed-reference batches: the reference is the initial policy, so its log-probs of the timed
     batches come from the state's params (what the cache would hold), without a pass over the dataset."""
-    from align_jax.losses.pairs import sequence_logps
-
-    fn = jax.jit(lambda p, b: sequence_logps(p, b, model=run.model, loss_chunk=run.loss_chunk)[0])
+    fn = run.reference_logps_fn()
     return [{**b, "ref_logps": fn(state.params, b)} for b in batches]
 
 

@@ -103,6 +103,13 @@ class DPORun(PairRun):
             self.attach_precomputed()
         return state
 
+    def reference_logps_fn(self):
+        """jit (params, batch without ref_logps) -> [B, 2P] response log-prob sums: what the cache holds."""
+        return jax.jit(
+            lambda p, b: sequence_logps(p, b, model=self.model, loss_chunk=self.loss_chunk)[0],
+            in_shardings=(self.setup.param_shardings, self.setup.batch_shardings(super().fields())),
+        )
+
     def cache_key(self) -> str:
         c = self.config
         settings = {k: self.data_cfg.get(k) for k in ("format", "seq_len", "over_long", "unpaired")}
@@ -131,11 +138,7 @@ class DPORun(PairRun):
                 if logps_fn is None:
                     t0 = time.perf_counter()
                     ref_params = build.init_from_params(self.setup, self.config)
-                    fn = jax.jit(
-                        lambda p, b: sequence_logps(p, b, model=self.model, loss_chunk=self.loss_chunk)[0],
-                        in_shardings=(self.setup.param_shardings, self.setup.batch_shardings(super().fields())),
-                    )
-                    logps_fn = functools.partial(fn, ref_params)
+                    logps_fn = functools.partial(self.reference_logps_fn(), ref_params)
                     self.ref_seconds -= t0 - time.perf_counter()
                 t0 = time.perf_counter()
                 batches = preference.make_preference_iterator(

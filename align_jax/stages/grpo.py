@@ -41,6 +41,7 @@ from align_jax import rewards
 from align_jax.config import resolve_data_path, validate
 from align_jax.data.formats import BadRowError
 from align_jax.data.sources import open_source
+from align_jax.data.tokenize import end_of_turn_ids
 from align_jax.generate import generate
 from align_jax.losses import rl
 from align_jax.losses.sft import token_nll
@@ -82,9 +83,13 @@ class PromptStream:
         self.source = open_source(spec, split="train")
         self.seed, self.epoch, self.pos = seed, 0, 0
         self.rows = 0
+        self._cached: tuple[int, np.ndarray] | None = None
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.source))
+        # One permutation per epoch, drawn once: a rollout should not reshuffle the whole prompt set.
+        if self._cached is None or self._cached[0] != self.epoch:
+            self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.source)))
+        return self._cached[1]
 
     def take(self, n: int) -> list[tuple[Any, Any]]:
         out = []
@@ -181,7 +186,7 @@ class GRPORun(runner.StageRun):
         self.train_iter = Streams(self.prompts, self.ptx)
         self.eval_rows = self._eval_rows() if config.data.eval else None
         self.eval_batches = self.eval_rows  # the driver evaluates when this is not None
-        self.eot_ids = sorted(build_eot_ids(self.tokenizer))
+        self.eot_ids = sorted(end_of_turn_ids(self.tokenizer))
         self.batch_shardings = {k: batch_sharding(self.sharder) for k in STEP_FIELDS}
         self.batch_shardings["advantages"] = batch_sharding(self.sharder)  # [B, T]: per token (KL to come)
         if self.ptx is not None:
@@ -436,12 +441,6 @@ class GRPORun(runner.StageRun):
 def pad_last(x_BT1: jax.Array) -> jax.Array:
     """[B, T-1] per-target values -> [B, T] (a zero last column), the shape every batch field has."""
     return jnp.pad(jnp.asarray(x_BT1, jnp.float32), ((0, 0), (0, 1)))
-
-
-def build_eot_ids(tokenizer) -> frozenset[int]:
-    from align_jax.data.tokenize import end_of_turn_ids
-
-    return end_of_turn_ids(tokenizer)
 
 
 def score_samples(params, ref_params, batch, *, model, estimator: str, topk: int):
