@@ -138,6 +138,27 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None, 
         return mngr.restore(step, args=args).state[key]
 
 
+def decoder_key(saved: dict) -> str | None:
+    """Where a workdir's causal-LM params sit inside its params tree: at the top (SFT, DPO, GRPO, merge),
+    under 'policy' (PPO keeps policy and value side by side), or nowhere (a reward model)."""
+    config = saved.get("config", {})
+    if config.get("stage") == "rm":
+        return None
+    if config.get("stage") == "grpo" and config.get("grpo", {}).get("algorithm") == "ppo":
+        return "policy"
+    return ""
+
+
+def restore_decoder_params(workdir: str, abstract_params: Any, step: int | None = None) -> Any:
+    """A stage workdir's causal-LM params (the policy's, for PPO) into the shardings of `abstract_params`."""
+    key = decoder_key(read_config(workdir, step))
+    if key is None:
+        raise ValueError(f"{workdir} holds a reward model (decoder + scalar head), not a causal LM")
+    if not key:
+        return restore_params(workdir, abstract_params, step)
+    return restore_params(workdir, {key: abstract_params}, step)[key]
+
+
 def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
     """The ModelConfig behind `init_from`: an HF directory's config.json or a workdir's saved config."""
     if is_hf_dir(init_from):

@@ -30,7 +30,7 @@ def export(workdir: str, out: str, dtype: str | None = None, step: int | None = 
         )
     cfg = from_hf_dict(saved["hf_model_config"], where=f"{workdir} (saved config)", **saved.get("runtime", {}))
     abstract = nn.meta.unbox(abstract_params(cfg))
-    params = checkpoint.restore_params(workdir, abstract, step)
+    params = checkpoint.restore_decoder_params(workdir, abstract, step)
     tok_dir = os.path.join(workdir, TOKENIZER_DIR)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir) if os.path.isdir(tok_dir) else None
     return save_pretrained(cfg, params, out, tokenizer=tokenizer, dtype=dtype)
