@@ -130,3 +130,18 @@ def test_ppo_trains_a_value_model_beside_the_policy(sft_dir, tmp_path):
         moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), tree,
                                              {k: v for k, v in start.items() if k in tree}))  # fmt: skip
         assert max(moved) > 0, name
+
+
+def test_grpo_with_a_rule_reward_raises_it(sft_dir, tmp_path):
+    """The issue's learning check, small enough for the suite: a barely trained policy rarely starts its
+    answer with a capital letter (~10% of samples); GRPO with that format rule as the only reward makes
+    it the rule within ~25 steps (measured 0.09 -> 1.0, ~14 s on 2 cores)."""
+    c = grpo_config(sft_dir, rules="format", rule_kwargs='{"format": {"pattern": "^[A-Z]"}}', kl_coef=0.0)
+    c.train.steps = 30
+    c.optim.lr = 3e-2
+    c.data.batch_size, c.grpo.group_size = 32, 4
+    work = str(tmp_path / "grpo")
+    stages.get("grpo").run(c, work)
+    rewards = [r["reward/mean"] for r in read_metrics(work) if "reward/mean" in r]
+    assert len(rewards) == 30
+    assert np.mean(rewards[:5]) < 0.25 and np.mean(rewards[-5:]) > 0.8, rewards

@@ -135,9 +135,28 @@ def drive(
     extra = summary_extra() if callable(summary_extra) else summary_extra
     summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats(), **(extra or {}))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=_json_default)
+        write_summary(workdir, summary)
     return summary
+
+
+SUMMARY = "summary.json"
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+    """WORKDIR/summary.json, written beside and renamed: the pipeline reads its presence as "this stage
+    finished", so it must never exist half-written."""
+    path = os.path.join(workdir, SUMMARY)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    os.replace(path + ".tmp", path)
+
+
+def read_summary(workdir: str) -> dict | None:
+    path = os.path.join(workdir, SUMMARY)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _json_default(x):
