@@ -167,6 +167,31 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.grpo.augment = "none"  # prompt augmentation before sampling (a name in stages/grpo.AUGMENTERS)
     c.grpo.eval_prompts = 64  # eval: greedy responses to this many eval prompts
 
+    # Prompt Augmentation System (stage pas): curate prompts, have a teacher write complements (judged,
+    # regenerated when invalid), then train the PAS model on them with the SFT machinery (data.* here
+    # describes that training; data.train is the file the stage writes). align_jax/stages/pas.py.
+    c.pas = ml_collections.ConfigDict()
+    c.pas.prompts = ""  # the raw prompts: {"prompt": ...} or {"messages": [...]} rows (a path or demo:NAME)
+    c.pas.max_prompts = 0  # read at most this many (0: all)
+    c.pas.embedder = "hashed"  # hashed[:DIM] | an align_jax workdir or HF decoder dir | an HF encoder dir
+    c.pas.dedup_threshold = 0.9  # drop a prompt whose cosine to an earlier kept one is >= this
+    c.pas.n_clusters = "64"  # k-means clusters; "8,8" = layered (k-means within each cluster)
+    c.pas.per_cluster = 40  # prompts kept per cluster, nearest its centroid (0: all)
+    c.pas.select = "nearest"  # nearest | spread
+    c.pas.quality = ""  # "" | a reward-model workdir | a judge model (workdir or HF dir) prompted to score 1-10
+    c.pas.quality_kind = "rm"  # rm | judge: how to read pas.quality
+    c.pas.min_quality = 0.0  # with pas.quality: keep prompts scoring at least this
+    c.pas.tagger = "demo"  # demo (the demo's templates) | centroid (few-shot embedding centroids) | a model dir
+    c.pas.categories = ""  # comma-separated; empty: the demo categories
+    c.pas.balance_cap = 0  # most prompts per category (0: no cap)
+    c.pas.teacher = "template"  # template (offline demo stand-in) | a model (workdir or HF dir)
+    c.pas.judge = "rule"  # rule | a model (workdir or HF dir) prompted with the report's criteria
+    c.pas.max_attempts = 3  # teacher attempts per prompt before it stays invalid
+    c.pas.few_shot = 3
+    c.pas.flaw_rate = 0.15  # template teacher: share of deliberately flawed first drafts (exercises the judge)
+    c.pas.max_new_tokens = 32  # complement length (teacher and, at inference, the PAS model)
+    c.pas.eval_fraction = 0.05  # complements held out as the PAS model's eval split
+
     c.metrics = ml_collections.ConfigDict()
     c.metrics.tensorboard = True
     c.metrics.wandb_project = ""
@@ -187,9 +212,47 @@ def _one_of(value: Any, allowed: tuple, key: str):
         raise ConfigValueError(f"config.{key}={value!r} is not one of {allowed}")
 
 
+PIPELINE_STAGES = ("sft", "pas", "rm", "dpo", "grpo", "merge", "eval")
+MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp", "model_stock")
+
+
+def validate_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A pipeline config (configs/pipeline.py): the stage list, each training stage's own config, the
+    merge recipe. Everything a later stage needs is checked before the first one starts."""
+    names = [s.strip() for s in str(c.stages).split(",") if s.strip()]
+    unknown = [s for s in names if s not in PIPELINE_STAGES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigValueError(
+            f"config.stages={c.stages!r}: each stage at most once, from {PIPELINE_STAGES} (unknown: {unknown})"
+        )
+    for name in names:
+        if name in ("merge", "eval"):
+            continue
+        if c[name].stage != name:
+            raise ConfigValueError(
+                f"config.{name}.stage={c[name].stage!r}: the {name} settings must be a {name} config"
+            )
+        try:
+            validate(c[name])
+        except ConfigValueError as e:
+            raise ConfigValueError(f"config.{name}: {e}") from None
+    if "merge" in names:
+        _one_of(c.merge.method, MERGE_METHODS, "merge.method")
+        if not 0.0 <= c.merge.t <= 1.0 or not 0.0 < c.merge.density <= 1.0 or not 0.0 <= c.merge.drop_rate < 1.0:
+            raise ConfigValueError(
+                f"config.merge: need 0 <= t <= 1, 0 < density <= 1, 0 <= drop_rate < 1; got "
+                f"{c.merge.t}, {c.merge.density}, {c.merge.drop_rate}"
+            )
+    if "eval" in names:
+        _positive(c, "eval.max_new_tokens", "eval.seq_len", "eval.batch_size")
+    return c
+
+
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks values and cross-field rules; returns the config for chaining."""
     _one_of(c.stage, STAGES, "stage")
+    if c.stage == "pipeline":
+        return validate_pipeline(c)
     _positive(c, "data.seq_len", "data.batch_size", "train.steps", "train.microbatches", "train.log_every", "optim.lr")
     _one_of(c.data.format, PREFERENCE_FORMATS if c.stage in ("rm", "dpo") else DATA_FORMATS, "data.format")
     _one_of(c.data.loss_on, ("assistant", "last_assistant", "all"), "data.loss_on")
@@ -204,7 +267,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ConfigValueError(
             f"config.data.batch_size={c.data.batch_size} is not divisible by config.train.microbatches={c.train.microbatches}"
         )
-    if not c.data.train:
+    if not c.data.train and c.stage != "pas":  # the pas stage writes its own training file
         raise ConfigValueError("config.data.train is empty: give a file, glob, 'demo:NAME' or dataset name")
     if c.model.num_layers % c.model.layers_per_unit:
         raise ConfigValueError(
@@ -249,6 +312,21 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
         if c.grpo.kl_estimator == "topk" and c.grpo.kl_mode == "loss":
             raise ConfigValueError("config.grpo.kl_estimator='topk' is for kl_mode='reward'; use k1 or k3 as a loss")
+    if c.stage == "pas":
+        if not c.pas.prompts:
+            raise ConfigValueError(
+                "config.pas.prompts is empty: give the prompts to curate (a JSONL path or demo:NAME)"
+            )
+        if not 0.0 < c.pas.dedup_threshold <= 1.0 or not 0.0 <= c.pas.eval_fraction < 0.5:
+            raise ConfigValueError("config.pas: need 0 < dedup_threshold <= 1 and 0 <= eval_fraction < 0.5")
+        _one_of(c.pas.select, ("nearest", "spread"), "pas.select")
+        _one_of(c.pas.quality_kind, ("rm", "judge"), "pas.quality_kind")
+        _positive(c, "pas.max_attempts", "pas.max_new_tokens")
+        for key in ("embedder", "tagger", "teacher", "judge"):
+            if not c.pas[key]:
+                raise ConfigValueError(f"config.pas.{key} is empty")
+        if not all(k.strip().isdigit() and int(k) > 0 for k in str(c.pas.n_clusters).split(",")):
+            raise ConfigValueError(f"config.pas.n_clusters={c.pas.n_clusters!r}: positive integers, comma-separated")
     if c.data.max_pairs < 0:
         raise ConfigValueError(f"config.data.max_pairs={c.data.max_pairs} must be >= 0 (0: seq_len // 32)")
     if not 0 <= c.optim.min_lr_ratio <= 1:

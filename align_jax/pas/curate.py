@@ -1,0 +1,159 @@
+"""Prompt curation: exact and near-duplicate removal, diversity by clustering, quality filter, category
+tags and per-category caps, with how many prompts each step keeps.
+
+    result = curate(prompts, embedder=HashedEmbedder(), dedup_threshold=0.9, n_clusters=200,
+                    per_cluster=20, tagger=tagger, balance_cap=500, seed=0)
+    result.counts   # {"input": 20000, "after_exact_dedup": ..., "after_dedup": ..., "after_diversity": ...,
+                    #  "after_quality": ..., "after_balance": ..., "unscored": 0}
+    result.rows     # [{"prompt", "category", "cluster", "quality", "index"}], in input order
+
+Steps, in order (the embeddings are computed once, after exact dedup):
+1. exact dedup: whitespace-collapsed, case-folded text; the first occurrence stays.
+2. near-dup: greedy keep-first by cosine >= dedup_threshold (dedup.dedup_mask, blocked on device).
+3. diversity: k-means (an int n_clusters) or hierarchical k-means (a sequence, e.g. (50, 8)), then up
+   to per_cluster prompts per cluster ("nearest" the centroid, or "spread"); per_cluster=None keeps all.
+4. quality: prompts scoring below min_quality are dropped; unscorable ones (NaN) always are, and are
+   counted in counts["unscored"].
+5. tags: tagger.tag(prompts, embeddings); without a tagger every prompt is "other".
+6. balance: at most balance_cap prompts per category (an int, or a mapping per category), preferring
+   higher quality, then the earlier prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from align_jax.pas import templates
+from align_jax.pas.cluster import hierarchical_kmeans, kmeans, select_per_cluster
+from align_jax.pas.dedup import dedup_mask
+from align_jax.pas.embed import Embedder, normalize_rows
+from align_jax.pas.quality import Quality
+from align_jax.pas.tags import balance
+
+log = logging.getLogger(__name__)
+
+
+class Tagger(Protocol):
+    def tag(self, prompts: Sequence[str], embeddings: np.ndarray) -> list[str]: ...
+
+
+@dataclasses.dataclass
+class CurationResult:
+    rows: list[dict[str, Any]]  # prompt, category, cluster, quality (float | None), index (into the input)
+    counts: dict[str, int]
+    seconds: dict[str, float]  # wall time per step
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.rows]
+
+
+def text_key(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def curate(
+    prompts: Sequence[str],
+    *,
+    embedder: Embedder,
+    dedup_threshold: float = 0.9,
+    n_clusters: int | Sequence[int] = 100,
+    per_cluster: int | None = 10,
+    select: str = "nearest",
+    quality: Quality | None = None,
+    min_quality: float | None = None,
+    tagger: Tagger | None = None,
+    balance_cap: int | Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> CurationResult:
+    """Curates `prompts` (strings); see the module docstring for the steps."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"curate: prompt {i} is a {type(p).__name__}, not a string")
+    if isinstance(n_clusters, int):
+        levels: tuple[int, ...] = (n_clusters,)
+    else:
+        levels = tuple(int(k) for k in n_clusters)
+    if not levels or any(k <= 0 for k in levels):
+        raise ValueError(f"curate: n_clusters must be a positive int or a sequence of them, got {n_clusters!r}")
+    counts = {"input": len(prompts)}
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = round(now - clock, 3)
+        clock = now
+
+    seen: set[str] = set()
+    idx = []
+    for i, p in enumerate(prompts):
+        key = text_key(p)
+        if key and key not in seen:  # empty prompts go here too: nothing to augment
+            seen.add(key)
+            idx.append(i)
+    index = np.asarray(idx, np.int64)
+    counts["after_exact_dedup"] = len(index)
+    lap("exact_dedup")
+
+    emb = normalize_rows(embedder.embed([prompts[i] for i in index])) if len(index) else np.zeros((0, 1), np.float32)
+    if len(emb) != len(index):
+        raise ValueError(f"curate: the embedder returned {len(emb)} rows for {len(index)} prompts")
+    lap("embed")
+    keep = dedup_mask(emb, dedup_threshold)
+    index, emb = index[keep], emb[keep]
+    counts["after_dedup"] = len(index)
+    lap("dedup")
+
+    cluster = np.zeros(len(index), np.int64)
+    if len(index):
+        km = kmeans(emb, levels[0], seed=seed) if len(levels) == 1 else hierarchical_kmeans(emb, levels, seed=seed)
+        cluster = km.labels
+        if per_cluster is not None:
+            pick = select_per_cluster(emb, km.labels, km.centroids, per_cluster, how=select)
+            index, emb, cluster = index[pick], emb[pick], cluster[pick]
+    counts["after_diversity"] = len(index)
+    lap("diversity")
+
+    scores = None
+    counts["unscored"] = 0
+    if quality is not None and len(index):
+        scores = np.asarray(quality.score([prompts[i] for i in index]), np.float32)
+        if scores.shape != (len(index),):
+            raise ValueError(f"curate: quality returned shape {scores.shape} for {len(index)} prompts")
+        counts["unscored"] = int(np.isnan(scores).sum())
+        ok = ~np.isnan(scores)
+        if min_quality is not None:
+            ok &= np.nan_to_num(scores, nan=-np.inf) >= min_quality
+        index, emb, cluster, scores = index[ok], emb[ok], cluster[ok], scores[ok]
+    counts["after_quality"] = len(index)
+    lap("quality")
+
+    texts = [prompts[i] for i in index]
+    categories = list(tagger.tag(texts, emb)) if tagger is not None and len(texts) else [templates.OTHER] * len(texts)
+    if len(categories) != len(texts):
+        raise ValueError(f"curate: the tagger returned {len(categories)} tags for {len(texts)} prompts")
+    lap("tag")
+    kept = balance(categories, balance_cap, scores)
+    counts["after_balance"] = len(kept)
+    lap("balance")
+
+    rows = [
+        {
+            "prompt": texts[j],
+            "category": categories[j],
+            "cluster": int(cluster[j]),
+            "quality": None if scores is None else float(scores[j]),
+            "index": int(index[j]),
+        }
+        for j in kept
+    ]
+    log.info("curate: kept %s; seconds %s", counts, seconds)
+    return CurationResult(rows, counts, seconds)
