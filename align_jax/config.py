@@ -164,7 +164,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.grpo.lam = 0.95
     c.grpo.vf_coef = 0.1
     c.grpo.value_clip_eps = 0.2
-    c.grpo.augment = "none"  # prompt augmentation before sampling (a name in stages/grpo.AUGMENTERS)
+    c.grpo.augment = "none"  # prompt augmentation before sampling: a name in stages/grpo.AUGMENTERS, or pas:PAS_WORKDIR
     c.grpo.eval_prompts = 64  # eval: greedy responses to this many eval prompts
 
     # Prompt Augmentation System (stage pas): curate prompts, have a teacher write complements (judged,

@@ -178,6 +178,11 @@ class GRPORun(runner.StageRun):
             self.value_model = None
             self.setup = build.setup_state(self.model_cfg, self.sharder, config)
         self.reward = rewards.build_reward(g.rules, json.loads(g.rule_kwargs), g.rm_workdir, float(g.rm_weight))
+        if g.augment.startswith("pas:") and g.augment not in AUGMENTERS:
+            # "pas:WORKDIR": a trained pas stage's model appends its complement to every prompt.
+            from align_jax.pas.augment import register_grpo_augmenter
+
+            register_grpo_augmenter(g.augment, g.augment[len("pas:") :])
         if g.augment not in AUGMENTERS:
             raise ValueError(f"config.grpo.augment={g.augment!r}; registered augmenters: {sorted(AUGMENTERS)}")
         self.augment = AUGMENTERS[g.augment]
