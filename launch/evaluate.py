@@ -1,0 +1,84 @@
+"""Evaluates one model (a stage workdir or an HF directory) and prints its metrics as one JSON line.
+
+    python launch/evaluate.py --model runs/sft-demo --constraints demo --sft_eval demo:sft_eval
+    python launch/evaluate.py --model runs/dpo-demo --constraints demo --rm runs/rm-demo --reference runs/sft-demo
+    python launch/evaluate.py --model /models/Llama-3.2-1B-Instruct --constraints general --out eval.json
+
+--constraints takes a prompt-set path or "demo" / "general" (the bundled sets, align_jax/eval/data).
+--rm adds the mean reward of the model's greedy responses; --reference (needs --rm) adds the win rate
+against another model. Their prompts are --reward_prompts (JSONL rows with a "prompt" or "messages":
+demo:pref_eval, demo:rl_eval, a prompt set ...), by default the constraint set's prompts.
+--out also writes the metrics and a few constraint examples as JSON (atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", None, "a stage workdir or an HF directory")
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step of a workdir (default: latest)")
+_CONSTRAINTS = flags.DEFINE_string("constraints", None, "prompt set: a JSONL path, 'demo' or 'general'")
+_SFT_EVAL = flags.DEFINE_string("sft_eval", None, "held-out chats for perplexity: a path or demo:NAME")
+_RM = flags.DEFINE_string("rm", None, "a reward-model (rm stage) workdir")
+_REFERENCE = flags.DEFINE_string("reference", None, "a model to compare against under --rm (win rate)")
+_REWARD_PROMPTS = flags.DEFINE_string("reward_prompts", None, "prompts for --rm (default: the constraint set's)")
+_OUT = flags.DEFINE_string("out", None, "also write the metrics and examples here (JSON)")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per response")
+_LIMIT = flags.DEFINE_integer("limit", None, "at most this many constraint and reward prompts")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "packed row length for --sft_eval")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "packed rows per batch for --sft_eval")
+flags.mark_flags_as_required(["model"])
+
+
+def main(argv) -> int:
+    del argv
+    from align_jax.chat import ChatModel
+    from align_jax.eval.constraints import load_prompt_set
+    from align_jax.eval.reward import RewardScorer
+    from align_jax.eval.suite import evaluate_model
+    from align_jax.eval.winrate import load_prompts
+
+    if _REFERENCE.value and not _RM.value:
+        raise SystemExit("--reference needs --rm: the win rate is measured with a reward model")
+    model = ChatModel.load(_MODEL.value, step=_STEP.value)
+    scorer = RewardScorer.load(_RM.value) if _RM.value else None
+    reference = ChatModel.load(_REFERENCE.value) if _REFERENCE.value else None
+    prompts = None
+    if scorer is not None:
+        if _REWARD_PROMPTS.value:
+            prompts = load_prompts(_REWARD_PROMPTS.value, _LIMIT.value)
+        elif _CONSTRAINTS.value:
+            prompts = [r["prompt"] for r in load_prompt_set(_CONSTRAINTS.value, _LIMIT.value)]
+        else:
+            raise SystemExit("--rm needs prompts: give --reward_prompts or --constraints")
+    details: dict = {}
+    metrics = evaluate_model(
+        model,
+        constraints=_CONSTRAINTS.value,
+        sft_eval=_SFT_EVAL.value,
+        scorer=scorer,
+        reward_prompts=prompts,
+        reference=reference,
+        max_new_tokens=_MAX_NEW.value,
+        limit=_LIMIT.value,
+        seq_len=_SEQ_LEN.value,
+        batch_size=_BATCH.value,
+        details=details,
+    )
+    if _OUT.value:
+        tmp = _OUT.value + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"model": _MODEL.value, "metrics": metrics, **details}, f, indent=2, ensure_ascii=False)
+        os.replace(tmp, _OUT.value)
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)
