@@ -1,0 +1,185 @@
+"""The pipeline's eval stage: every model the pipeline made, measured the same way, and a report.
+
+For each name in `config.eval.models` ("base" = the SFT stage's starting weights: config.init_from, or
+the seeded scratch init the SFT stage began from; any other name = that stage's workdir) it measures,
+through `align_jax.eval.suite.evaluate_model`: constraint following on a bundled prompt set, perplexity
+on held-out SFT data, the mean reward of its greedy responses under the pipeline's reward model, and
+its win rate against `config.eval.reference` (the SFT model by default) under that reward model. With
+a `pas` stage it also measures constraint following on PAS-augmented prompts. The reward model itself
+gets its held-out pair accuracy. Results are kept in WORKDIR/eval/<name>.json under a key of what
+produced them (the model's checkpoint step and the eval settings), so a rerun measures only what
+changed; the report (align_jax.eval.report) is rewritten every time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+from align_jax import checkpoint
+from align_jax.config import resolve_data_path
+from align_jax.stages.pipeline import checkpoint_step
+
+log = logging.getLogger(__name__)
+
+
+def _read_jsonl(path: str, limit: int) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+            if limit and len(rows) >= limit:
+                break
+    return rows
+
+
+def base_model(config: ml_collections.ConfigDict, resolve) -> Any:
+    """The model the SFT stage started from, as a ChatModel."""
+    import jax
+    from flax import linen as nn
+    from transformers import AutoTokenizer
+
+    from align_jax.chat import ChatModel, default_sharder
+    from align_jax.models.transformer import boxed_init
+    from align_jax.stages.build import TOKENIZER_DIR
+
+    if config.init_from:
+        return ChatModel.load(config.init_from, name="base")
+    sft_dir = resolve("stage:sft", by="eval", key="models")
+    cfg = checkpoint.model_config_of(sft_dir, param_dtype="float32", dtype="float32", remat_policy="none")
+    sharder = default_sharder()
+    # The same seeded init as build.init_from_params gives the SFT stage when it starts from scratch.
+    params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(cfg, rng)))(jax.random.key(int(config.sft.seed)))
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(sft_dir, TOKENIZER_DIR))
+    return ChatModel(cfg, params, tokenizer, sharder=sharder, name="base")
+
+
+def _cached(path: str, key: dict, compute) -> dict:
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("key") == key:
+            return saved["metrics"]
+    t0 = time.perf_counter()
+    metrics = compute()
+    metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"key": key, "metrics": metrics}, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return metrics
+
+
+def rm_metrics(rm_dir: str, pref_eval: str, limit: int) -> dict[str, float]:
+    from align_jax.data.formats import Origin
+    from align_jax.data.preference import to_preference_record
+    from align_jax.eval.reward import RewardScorer
+
+    scorer = RewardScorer.load(rm_dir)
+    prompts, chosen, rejected = [], [], []
+    for i, row in enumerate(_read_jsonl(pref_eval, limit), start=1):
+        rec = to_preference_record(row, origin=Origin(pref_eval, i, "line"))
+        prompts.append(rec["prompt"])
+        chosen.append(rec["chosen"][-1]["content"])
+        rejected.append(rec["rejected"][-1]["content"])
+    return {"rm/accuracy": scorer.accuracy(prompts, chosen, rejected), "rm/pairs": float(len(prompts))}
+
+
+def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, order: list[str]) -> dict:
+    from align_jax.chat import ChatModel
+    from align_jax.eval.report import write_report
+    from align_jax.eval.suite import evaluate_model
+
+    e = config.eval
+    os.makedirs(workdir, exist_ok=True)
+    names = [n.strip() for n in str(e.models).split(",") if n.strip()]
+    for n in names:
+        if n != "base" and n not in order:
+            raise ValueError(f"config.eval.models names {n!r}, which is not in config.stages={config.stages!r}")
+    rm_dir = resolve(e.rm, by="eval", key="rm") if e.rm else ""
+    scorer = None
+    if rm_dir:
+        from align_jax.eval.reward import RewardScorer
+
+        scorer = RewardScorer.load(rm_dir)
+    reward_prompts = (
+        [r["prompt"] for r in _read_jsonl(resolve_data_path(e.reward_prompts), int(e.num_reward_prompts))]
+        if e.reward_prompts
+        else []
+    )
+    augment = None
+    pas_dir = resolve(e.pas, by="eval", key="pas") if e.pas else ""
+    if pas_dir:
+        from align_jax.pas.augment import Augmenter
+
+        augment = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens)).augment_messages
+    settings = {k: e[k] for k in sorted(e.keys())}
+    reference_name = e.reference if e.reference in names or e.reference in order else ""
+    reference = None
+    stage_metrics: dict[str, dict[str, float]] = {}
+
+    def load(name: str):
+        return base_model(config, resolve) if name == "base" else ChatModel.load(os.path.join(resolve.workdir, name))
+
+    for name in names:
+        where = os.path.join(resolve.workdir, name) if name != "base" else config.init_from or "scratch"
+        compare = reference_name and name != reference_name and name != "base"
+        key = {
+            "model": where,
+            "step": checkpoint_step(where) if name != "base" else None,
+            "reference_step": checkpoint_step(os.path.join(resolve.workdir, reference_name)) if compare else None,
+            "rm_step": checkpoint_step(rm_dir) if rm_dir else None,
+            "pas_step": checkpoint_step(pas_dir) if pas_dir else None,
+            "settings": settings,
+        }
+
+        def compute(name=name, compare=compare):
+            nonlocal reference
+            if compare and reference is None:
+                reference = load(reference_name)
+            model = load(name)
+            log.info("eval: %s", name)
+            metrics = evaluate_model(
+                model,
+                constraints=e.constraints or None,
+                sft_eval=resolve_data_path(e.sft_eval) if e.sft_eval else None,
+                scorer=scorer,
+                reward_prompts=reward_prompts or None,
+                reference=reference if compare else None,
+                max_new_tokens=int(e.max_new_tokens),
+                limit=int(e.limit) or None,
+                seq_len=int(e.seq_len),
+                batch_size=int(e.batch_size),
+                ppl_batches=int(e.ppl_batches) or None,
+            )
+            if augment is not None and e.constraints:
+                from align_jax.eval.constraints import evaluate_constraints
+
+                pas = evaluate_constraints(
+                    model,
+                    e.constraints,
+                    max_new_tokens=int(e.max_new_tokens),
+                    limit=int(e.limit) or None,
+                    augment=augment,
+                )
+                metrics.update({f"pas/{k}": v for k, v in pas.items() if isinstance(v, int | float)})
+            return metrics
+
+        stage_metrics[name] = _cached(os.path.join(workdir, f"{name}.json"), key, compute)
+    if rm_dir:
+        key = {"rm_step": checkpoint_step(rm_dir), "settings": settings}
+        rm_name = e.rm[len("stage:") :] if e.rm.startswith("stage:") else "rm"
+        stage_metrics[rm_name] = _cached(
+            os.path.join(workdir, "rm.json"), key, lambda: rm_metrics(rm_dir, resolve_data_path(e.pref_eval), 0)
+        )
+    # Columns in pipeline order (base first), so the report reads left to right as the stages ran.
+    column_order = ["base", *order]
+    stage_metrics = dict(sorted(stage_metrics.items(), key=lambda kv: column_order.index(kv[0])))
+    curves = {n: os.path.join(resolve.workdir, n) for n in order if n in ("sft", "pas", "rm", "dpo", "grpo")}
+    report = write_report(resolve.workdir, stage_metrics, curves)
+    return {"report": report, "metrics": stage_metrics}
