@@ -334,8 +334,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+EVAL_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval", "data")
+
+
 def resolve_data_path(path: str) -> str:
-    """`demo:NAME` names a bundled file (align_jax/data/demo/NAME.jsonl); anything else is as given."""
+    """`demo:NAME` names a bundled file: align_jax/data/demo/NAME.jsonl, else align_jax/eval/data/NAME.jsonl
+    (the prompt sets with checks, e.g. demo:constraints_rl for GRPO); anything else is as given."""
     if path.startswith("demo:"):
-        return os.path.join(DEMO_DIR, path[len("demo:") :] + ".jsonl")
+        name = path[len("demo:") :] + ".jsonl"
+        for directory in (DEMO_DIR, EVAL_DATA_DIR):
+            if os.path.isfile(os.path.join(directory, name)):
+                return os.path.join(directory, name)
+        return os.path.join(DEMO_DIR, name)
     return path

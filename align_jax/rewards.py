@@ -105,6 +105,25 @@ def capitals(trigger: str = "capital letters") -> RewardFn:
     return fn
 
 
+@register("constraints")
+def constraints() -> RewardFn:
+    """The share of a prompt row's verifiable checks (its "checks" list, as in the eval prompt sets:
+    align_jax/eval/constraints.py) that a response passes: an IFEval-style rule reward. Rows without
+    checks get 0, which under group normalisation is no signal either way."""
+    from align_jax.eval.constraints import run_checks, validate_row
+
+    def fn(prompts, responses, rows):
+        out = np.zeros(len(responses), np.float32)
+        for i, (response, row) in enumerate(zip(responses, rows, strict=True)):
+            if row.get("checks"):
+                checked = validate_row({"prompt": row["prompt"], "checks": row["checks"]}, f"prompt row {i}")
+                passed = run_checks(checked, response)
+                out[i] = sum(passed) / len(passed)
+        return out
+
+    return fn
+
+
 def parse_spec(spec: str) -> list[tuple[str, float]]:
     """ "exact_match:1.0,format:0.2" -> [("exact_match", 1.0), ("format", 0.2)]; a bare name weighs 1."""
     out = []

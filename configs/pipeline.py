@@ -12,8 +12,11 @@ PNGs of the training curves and of each metric across stages).
 Presets:
   tiny       The CPU demo: a tiny tokenizer and a 0.8M-parameter model trained from scratch on the
              bundled data (align_jax/data/demo), then the PAS model (template teacher + rule judge, the
-             offline stand-in for a teacher LLM), the reward model, DPO, GRPO (reward model + rules),
-             Model Stock, and the evaluation of base / sft / dpo / grpo / merge. 2-core CPU: ~15 min.
+             offline stand-in for a teacher LLM), the reward model, DPO (+RPO), GRPO (verifiable
+             checks + reward model + PTX), Model Stock, and the evaluation of base / sft / dpo / grpo /
+             merge. 2-core CPU: ~5.5 min, 1.9 GB peak memory. Measured: constraint following (prompt
+             level) 0.06 / 0.875 / 0.87 / 0.915 / 0.885 and mean reward under the RM -2.38 / 0.83 /
+             0.75 / 1.48 / 0.88 for base / sft / dpo / grpo / merge; GRPO wins 87% against SFT.
   llama3_8b  The same stages for Llama-3-8B on your data (--config.init_from=/models/Meta-Llama-3-8B,
              --config.sft.data.train=..., --config.rm.data.train=..., --config.dpo.data.train=...,
              --config.grpo.data.train=PROMPTS, --config.pas.pas.prompts=PROMPTS,
@@ -50,6 +53,21 @@ def get_config(arg: str = "tiny"):
     for stage in ("pas", "rm", "dpo", "grpo"):
         c[stage].init_from = "stage:sft"
     c.grpo.grpo.rm_workdir = "stage:rm"
+    if arg == "tiny":
+        # SFT stops at 100 steps (the standalone demo trains 300, and then passes 99% of the demo's
+        # constraint checks): the preference stages get something left to improve.
+        c.sft.train.update(steps=100, eval_every=50, ckpt_every=50)
+        # DPO with an NLL term on the chosen answers (RPO): plain DPO also lowers their likelihood, and the
+        # 0.8M-parameter policy then degrades into repeated tokens on some prompts.
+        c.dpo.dpo.rpo_alpha = 1.0
+        # GRPO on prompts with verifiable checks (the eval set's kinds, none of its prompts): reward = the
+        # share of checks passed + the reward model, KL to the SFT model in the token reward, and the
+        # report's PTX term (KL to the SFT model on SFT chats) against forgetting what RL does not sample.
+        c.grpo.data.update(train="demo:constraints_rl", eval="demo:constraints_demo")
+        # The checks weigh most: with the reward model at full weight the policy chases its preferences
+        # (longer lists of real words) at the cost of the list-length check (measured 0.56 -> 0.28).
+        c.grpo.grpo.update(rules="constraints:4.0", rm_weight=0.25, ptx_coef=0.1, ptx_data="demo:sft_train")
+        c.grpo.train.steps = 120
 
     c.merge = ml_collections.ConfigDict()
     c.merge.method = "model_stock"  # linear | task_arithmetic | ties | dare_linear | dare_ties | slerp | model_stock

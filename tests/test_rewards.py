@@ -47,3 +47,15 @@ def test_weighted_sum_and_spec_errors():
         rewards.build_reward("")
     with pytest.raises(ValueError, match="registered already"):
         rewards.register("exact_match")(lambda: None)
+
+
+def test_constraints_rule_is_the_share_of_checks_passed():
+    from align_jax.rewards import RULES
+
+    fn = RULES["constraints"]()
+    row = {"prompt": "List two fruits.", "checks": [{"name": "numbered_list", "n": 2}, {"name": "all_lowercase"}]}
+    rows = [row, row, row, {"prompt": "hi", "answer": "x"}]
+    got = fn([r["prompt"] for r in rows], ["1. apple\n2. pear", "1. Apple\n2. pear", "apple, pear", "1. a"], rows)
+    np.testing.assert_allclose(got, [1.0, 0.5, 0.5, 0.0])
+    with pytest.raises(ValueError, match="prompt row 0"):
+        fn(["p"], ["r"], [{"prompt": "p", "checks": [{"name": "no_such_check"}]}])

@@ -60,3 +60,30 @@ def test_mix_of_categories_and_terse_answers_are_one_word():
         assert terse == has_max_words, row
         if terse:
             assert len(words(row["reference"])) == 1
+
+
+def test_rl_prompt_set_reproduces_and_keeps_the_eval_prompts_unseen(tmp_path):
+    from align_jax.config import resolve_data_path
+    from align_jax.eval.data.make_constraints_demo import RL_SIZE, write_constraints_rl
+
+    path = write_constraints_rl(str(tmp_path))
+    bundled = resolve_data_path("demo:constraints_rl")
+    with open(path, "rb") as a, open(bundled, "rb") as b:
+        assert a.read() == b.read()
+    rl = load_prompt_set(bundled)
+    assert len(rl) == RL_SIZE
+    eval_rows = load_prompt_set("demo")
+    eval_prompts = {json.dumps(r["prompt"]) for r in eval_rows}
+    assert not [r for r in rl if json.dumps(r["prompt"]) in eval_prompts]
+    follow_ups = re.compile(r"Now say that in capital letters\.|Now add \d+ to that\.")
+    eval_questions = {
+        m["content"]
+        for r in eval_rows
+        if r["category"] not in ("list", "upper")
+        for m in r["prompt"]
+        if m["role"] == "user" and not follow_ups.fullmatch(m["content"])
+    }
+    for r in rl:
+        if r["category"] not in ("list", "upper"):
+            asked = {m["content"] for m in r["prompt"] if m["role"] == "user"}
+            assert not asked & eval_questions, r["prompt"]

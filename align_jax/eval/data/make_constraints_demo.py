@@ -57,6 +57,10 @@ SIZE = 200
 STREAM = 300
 SEED = demo.SEED + STREAM
 FILE_NAME = "constraints_demo.jsonl"
+# GRPO prompts with checks (the `constraints` reward rule), from a stream of their own.
+RL_SIZE = 1000
+RL_SEED = SEED + 1
+RL_FILE_NAME = "constraints_rl.jsonl"
 TRAIN_FILES = ("sft_train.jsonl", "pref_train.jsonl", "rl_train.jsonl")
 # System prompts the demo never trains on, for prompts whose user text the demo already has.
 UNSEEN_SYSTEMS = (
@@ -177,8 +181,26 @@ def is_new(row: dict, seen_prompts: set[str], seen_texts: set[str]) -> bool:
 
 def make_constraints_demo(size: int = SIZE, seed: int = SEED, demo_dir: str = DEMO_DIR) -> list[str]:
     """The JSONL lines of constraints_demo.jsonl."""
-    rng = random.Random(seed)
     seen, seen_texts = training_prompts(demo_dir)
+    return _draw(size, random.Random(seed), seen, seen_texts)
+
+
+def make_constraints_rl(size: int = RL_SIZE, seed: int = RL_SEED, demo_dir: str = DEMO_DIR) -> list[str]:
+    """The JSONL lines of constraints_rl.jsonl: prompts of the same kinds with their checks, for GRPO
+    with the `constraints` reward rule (align_jax/rewards.py). Same rules as the eval set, and none of
+    them is an eval prompt or asks an eval question, so the eval set stays unseen after RL too."""
+    eval_rows = [json.loads(line) for line in make_constraints_demo(demo_dir=demo_dir)]
+    seen, seen_texts = training_prompts(demo_dir)
+    seen |= {_key(r["prompt"]) for r in eval_rows}
+    for r in eval_rows:
+        if r["category"] not in SMALL_VOCABULARY:
+            seen_texts |= {
+                m["content"] for m in r["prompt"] if m["role"] == "user" and not FOLLOW_UP.fullmatch(m["content"])
+            }
+    return _draw(size, random.Random(seed), seen, seen_texts)
+
+
+def _draw(size: int, rng: random.Random, seen: set[str], seen_texts: set[str]) -> list[str]:
     names = sorted(CATEGORIES)
     lines: list[str] = []
     while len(lines) < size:
@@ -194,15 +216,22 @@ def make_constraints_demo(size: int = SIZE, seed: int = SEED, demo_dir: str = DE
     return lines
 
 
-def write_constraints_demo(out_dir: str, **kwargs: int) -> str:
-    """Writes constraints_demo.jsonl into `out_dir` (atomically); returns its path."""
-    lines = make_constraints_demo(**kwargs)
-    path = os.path.join(out_dir, FILE_NAME)
+def _write(path: str, lines: list[str]) -> str:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(lines)
     os.replace(tmp, path)
     return path
+
+
+def write_constraints_demo(out_dir: str, **kwargs: int) -> str:
+    """Writes constraints_demo.jsonl into `out_dir` (atomically); returns its path."""
+    return _write(os.path.join(out_dir, FILE_NAME), make_constraints_demo(**kwargs))
+
+
+def write_constraints_rl(out_dir: str, **kwargs: int) -> str:
+    """Writes constraints_rl.jsonl into `out_dir` (atomically); returns its path."""
+    return _write(os.path.join(out_dir, RL_FILE_NAME), make_constraints_rl(**kwargs))
 
 
 def main() -> None:
@@ -212,6 +241,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args()
     print(write_constraints_demo(args.out, size=args.size, seed=args.seed))
+    print(write_constraints_rl(args.out))
 
 
 if __name__ == "__main__":
