@@ -1,4 +1,5 @@
-"""Writes constraints_demo.jsonl: instruction-following prompts in the tiny demo's domain.
+"""Writes constraints_demo.jsonl (the eval set) and constraints_rl.jsonl (GRPO prompts of the same kinds,
+none of them an eval prompt): instruction-following prompts in the tiny demo's domain.
 
     python -m align_jax.eval.data.make_constraints_demo     # rewrites the file next to this script
 
