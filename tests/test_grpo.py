@@ -145,3 +145,30 @@ def test_grpo_with_a_rule_reward_raises_it(sft_dir, tmp_path):
     rewards = [r["reward/mean"] for r in read_metrics(work) if "reward/mean" in r]
     assert len(rewards) == 30
     assert np.mean(rewards[:5]) < 0.25 and np.mean(rewards[-5:]) > 0.8, rewards
+
+
+def test_grpo_samples_from_pas_augmented_prompts_in_one_call_per_rollout(sft_dir, tmp_path):
+    from align_jax.pas.augment import Augmenter, register_grpo_augmenter
+    from align_jax.stages import grpo
+    from align_jax.stages.grpo import GRPORun
+
+    class ScriptedPAS:  # the PAS model's part: a complement per prompt, and a record of each call
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, chats, **kw):
+            self.calls.append([c[-1]["content"] for c in chats])
+            return ["Answer briefly." for _ in chats]
+
+    pas_model = ScriptedPAS()
+    register_grpo_augmenter("pas-scripted", Augmenter(pas_model, cache_size=0), replace=True)
+    try:
+        c = grpo_config(sft_dir, augment="pas-scripted")
+        c.train.steps = 2
+        r = GRPORun(c, str(tmp_path / "grpo"))
+        state, _, _ = r.initial_state(None)
+        prompts, *_ = r.sample(r.policy_params(state), r.prompts.take(8), 3, greedy=True, seed=0)
+        assert len(pas_model.calls) == 1 and len(pas_model.calls[0]) == 8  # one batched call for 8 prompts
+        assert all(p[-1]["content"].endswith("\n\nAnswer briefly.") for p in prompts) and len(prompts) == 24
+    finally:
+        grpo.AUGMENTERS.pop("pas-scripted", None)

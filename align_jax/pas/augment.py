@@ -115,6 +115,8 @@ def register_grpo_augmenter(name: str, augmenter: Augmenter | str, *, replace: b
     def hook(prompt: list[dict], row: Mapping[str, Any]) -> list[dict]:
         return aug.augment_messages(prompt)
 
+    # A rollout's prompts in one batched PAS call instead of one generate call per prompt.
+    hook.batch = lambda prompts, rows: aug.augment_conversations(prompts)  # type: ignore[attr-defined]
     grpo.AUGMENTERS[name] = hook
 
 

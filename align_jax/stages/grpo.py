@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 STEP_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask", "old_logp", "ref_logp")
 PTX_FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
-# Prompt augmentation before sampling: name -> fn(prompt messages, row) -> prompt messages. The PAS stage
+# Prompt augmentation before sampling: name -> fn(prompt messages, row) -> prompt messages, optionally with a
+# `batch(list of messages, rows) -> list of messages` attribute for one call per rollout. The PAS stage
 # registers its model here; "none" leaves prompts as they are.
 AUGMENTERS: dict[str, Callable[[list[dict], Mapping[str, Any]], list[dict]]] = {"none": lambda prompt, row: prompt}
 
@@ -314,10 +315,14 @@ class GRPORun(runner.StageRun):
     def sample(self, params, rows: list[tuple[Any, Any]], n: int, greedy: bool, seed: int):
         """(prompts, rows, responses, host batch) for n samples of each row's prompt."""
         g = self.config.grpo
-        prompts, kept = [], []
-        for raw, origin in rows:
-            prompts.append(self.augment(prompt_messages(raw, origin), raw))
-            kept.append(raw)
+        messages = [prompt_messages(raw, origin) for raw, origin in rows]
+        kept = [raw for raw, _ in rows]
+        # An augmenter with a `batch` method (the PAS model's) augments the whole rollout in one call.
+        batch_fn = getattr(self.augment, "batch", None)
+        if batch_fn is not None:
+            prompts = batch_fn(messages, kept)
+        else:
+            prompts = [self.augment(m, raw) for m, raw in zip(messages, kept, strict=True)]
         prompts = [p for p in prompts for _ in range(n)]
         kept = [r for r in kept for _ in range(n)]
         out = generate(
