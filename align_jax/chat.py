@@ -39,7 +39,7 @@ def as_messages(prompt: Prompt) -> list[dict[str, str]]:
 
 def default_sharder() -> Sharder:
     """Data-parallel over every local device: inference batches split, params replicated."""
-    return Sharder(make_mesh({"data": -1}), normalize_rules(None))
+    return Sharder(make_mesh({"data": -1}, devices=jax.local_devices()), normalize_rules(None))
 
 
 def load_model_params(source: str, *, dtype: str = "float32", step: int | None = None, sharder: Sharder | None = None):

@@ -77,7 +77,16 @@ def test_tiny_pipeline_runs_every_stage_writes_the_report_and_skips_what_is_done
         summaries = json.load(f)["stage_summaries"]
     assert summaries["dpo"]["start_step"] == 4 and summaries["dpo"]["final_step"] == 6
     assert summaries["sft"].get("skipped") and summaries["grpo"].get("skipped")
+    assert not summaries["merge"].get("skipped")  # one of its sources changed: merged again
     assert third["metrics"]["sft"] == out["metrics"]["sft"]
+    assert third["metrics"]["dpo"] != out["metrics"]["dpo"] and third["metrics"]["merge"] != out["metrics"]["merge"]
+
+    # Other settings for a stage that already trained: an error that says what differs, before any work.
+    c = tiny_pipeline()
+    c.dpo.train.steps = 6
+    c.dpo.dpo.beta = 0.5
+    with pytest.raises(ValueError, match=r"dpo.beta: 0.1 -> 0.5.*delete it to retrain the dpo stage"):
+        stages.get("pipeline").run(c, work)
 
 
 def test_pipeline_config_is_checked_before_anything_runs():
@@ -90,6 +99,15 @@ def test_pipeline_config_is_checked_before_anything_runs():
     c.dpo.dpo.beta = -1.0
     with pytest.raises(ConfigValueError, match=r"config.dpo: config.dpo.beta must be positive"):
         validate(c)
+
+
+def test_eval_settings_are_checked_before_training(tmp_path):
+    c = load_preset("pipeline", "tiny")
+    c.unlock()
+    c.stages = "sft,dpo,eval"  # eval's defaults name the rm, pas, grpo and merge stages
+    with pytest.raises(ValueError, match=r"config.eval.rm='stage:rm': stage 'rm' must run before 'eval'"):
+        stages.get("pipeline").run(c, str(tmp_path))
+    assert not os.listdir(tmp_path)
 
 
 def test_stage_references_must_point_backwards(tmp_path):

@@ -50,8 +50,14 @@ class Augmenter:
     @classmethod
     def load(cls, pas_workdir: str, *, step: int | None = None, batch_size: int = 16, **kwargs: Any) -> Augmenter:
         """An Augmenter over the ChatModel in `pas_workdir` (an SFT stage workdir or an HF directory)."""
+        from align_jax import checkpoint
         from align_jax.chat import ChatModel
 
+        if "max_new_tokens" not in kwargs and not checkpoint.is_hf_dir(pas_workdir):
+            # A pas stage's workdir: complements as long as the ones it was trained on.
+            saved = checkpoint.read_config(pas_workdir, step).get("config", {})
+            if saved.get("stage") == "pas":
+                kwargs["max_new_tokens"] = int(saved["pas"]["max_new_tokens"])
         return cls(ChatModel.load(pas_workdir, step=step, batch_size=batch_size), **kwargs)
 
     def complements(self, prompts: Sequence[str]) -> list[str]:

@@ -23,7 +23,7 @@ import ml_collections
 
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path
-from align_jax.stages.pipeline import checkpoint_step
+from align_jax.stages.pipeline import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ def _read_jsonl(path: str, limit: int) -> list[dict]:
     return rows
 
 
-def base_model(config: ml_collections.ConfigDict, resolve) -> Any:
+def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16) -> Any:
     """The model the SFT stage started from, as a ChatModel."""
+    import dataclasses
+
     import jax
+    import jax.numpy as jnp
     from flax import linen as nn
     from transformers import AutoTokenizer
 
@@ -49,15 +52,19 @@ def base_model(config: ml_collections.ConfigDict, resolve) -> Any:
     from align_jax.models.transformer import boxed_init
     from align_jax.stages.build import TOKENIZER_DIR
 
-    if config.init_from:
-        return ChatModel.load(config.init_from, name="base")
+    base = resolve(config.sft.init_from, by="eval", key="models") if config.sft.init_from else config.init_from
+    if base:
+        return ChatModel.load(base, name="base")
     sft_dir = resolve("stage:sft", by="eval", key="models")
-    cfg = checkpoint.model_config_of(sft_dir, param_dtype="float32", dtype="float32", remat_policy="none")
-    sharder = default_sharder()
-    # The same seeded init as build.init_from_params gives the SFT stage when it starts from scratch.
+    saved = checkpoint.read_config(sft_dir)
+    # The SFT run's own runtime settings (layers per remat unit and param dtype shape the init), so the
+    # seeded init below is the one build.init_from_params gave the SFT stage; then float32 for eval.
+    cfg = checkpoint.model_config_of(sft_dir, **saved.get("runtime", {}))
     params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(cfg, rng)))(jax.random.key(int(config.sft.seed)))
+    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    cfg = dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat_policy="none")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(sft_dir, TOKENIZER_DIR))
-    return ChatModel(cfg, params, tokenizer, sharder=sharder, name="base")
+    return ChatModel(cfg, params, tokenizer, sharder=default_sharder(), name="base", batch_size=batch_size)
 
 
 def _cached(path: str, key: dict, compute) -> dict:
@@ -70,7 +77,7 @@ def _cached(path: str, key: dict, compute) -> dict:
     metrics = compute()
     metrics["eval_seconds"] = round(time.perf_counter() - t0, 2)
     with open(path + ".tmp", "w") as f:
-        json.dump({"key": key, "metrics": metrics}, f, indent=2)
+        json.dump({"key": json.loads(json.dumps(key)), "metrics": metrics}, f, indent=2)
     os.replace(path + ".tmp", path)
     return metrics
 
@@ -117,24 +124,33 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     if pas_dir:
         from align_jax.pas.augment import Augmenter
 
-        augment = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens)).augment_messages
-    settings = {k: e[k] for k in sorted(e.keys())}
+        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens))
+        augment = augmenter.augment_messages
+    settings = {k: e[k] for k in sorted(e.keys()) if k != "models"}  # which models: not how they are measured
     reference_name = e.reference if e.reference in names or e.reference in order else ""
     reference = None
     stage_metrics: dict[str, dict[str, float]] = {}
 
-    def load(name: str):
-        return base_model(config, resolve) if name == "base" else ChatModel.load(os.path.join(resolve.workdir, name))
+    batch = int(e.batch_size)
 
+    def load(name: str):
+        if name == "base":
+            return base_model(config, resolve, batch)
+        return ChatModel.load(os.path.join(resolve.workdir, name), batch_size=batch)
+
+    sft_dir = os.path.join(resolve.workdir, "sft")
     for name in names:
-        where = os.path.join(resolve.workdir, name) if name != "base" else config.init_from or "scratch"
+        where = os.path.join(resolve.workdir, name)
         compare = reference_name and name != reference_name and name != "base"
+        # What produced each number: the model's, the reference's, the RM's and the PAS model's outputs
+        # (fingerprints of their summaries and checkpoints), and the eval settings.
         key = {
-            "model": where,
-            "step": checkpoint_step(where) if name != "base" else None,
-            "reference_step": checkpoint_step(os.path.join(resolve.workdir, reference_name)) if compare else None,
-            "rm_step": checkpoint_step(rm_dir) if rm_dir else None,
-            "pas_step": checkpoint_step(pas_dir) if pas_dir else None,
+            "model": fingerprint(where)
+            if name != "base"
+            else [config.init_from, config.sft.init_from, int(config.sft.seed), fingerprint(sft_dir)],
+            "reference": fingerprint(os.path.join(resolve.workdir, reference_name)) if compare else None,
+            "rm": fingerprint(rm_dir) if rm_dir else None,
+            "pas": fingerprint(pas_dir) if pas_dir else None,
             "settings": settings,
         }
 
@@ -158,7 +174,11 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
                 ppl_batches=int(e.ppl_batches) or None,
             )
             if augment is not None and e.constraints:
-                from align_jax.eval.constraints import evaluate_constraints
+                from align_jax.eval.constraints import evaluate_constraints, load_prompt_set
+
+                # One batched PAS call for the whole set; the per-prompt calls below then hit its cache.
+                rows = load_prompt_set(e.constraints, int(e.limit) or None)
+                augmenter.augment_conversations([r["prompt"] for r in rows])
 
                 pas = evaluate_constraints(
                     model,
@@ -172,14 +192,15 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
 
         stage_metrics[name] = _cached(os.path.join(workdir, f"{name}.json"), key, compute)
     if rm_dir:
-        key = {"rm_step": checkpoint_step(rm_dir), "settings": settings}
+        key = {"rm": fingerprint(rm_dir), "settings": settings}
         rm_name = e.rm[len("stage:") :] if e.rm.startswith("stage:") else "rm"
         stage_metrics[rm_name] = _cached(
             os.path.join(workdir, "rm.json"), key, lambda: rm_metrics(rm_dir, resolve_data_path(e.pref_eval), 0)
         )
     # Columns in pipeline order (base first), so the report reads left to right as the stages ran.
     column_order = ["base", *order]
-    stage_metrics = dict(sorted(stage_metrics.items(), key=lambda kv: column_order.index(kv[0])))
+    rank = {n: i for i, n in enumerate(column_order)}
+    stage_metrics = dict(sorted(stage_metrics.items(), key=lambda kv: rank.get(kv[0], len(rank))))
     curves = {n: os.path.join(resolve.workdir, n) for n in order if n in ("sft", "pas", "rm", "dpo", "grpo")}
     report = write_report(resolve.workdir, stage_metrics, curves)
     return {"report": report, "metrics": stage_metrics}

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from align_jax.checkpoint import checkpoint_dir
 from align_jax.config import resolve_data_path, validate
 from align_jax.stages import runner
 
@@ -84,6 +85,13 @@ def make_complements(config: ml_collections.ConfigDict, out_dir: str) -> dict:
         if saved.get("recipe") == recipe:
             log.info("pas: complements in %s are up to date; reused", out_dir)
             return saved
+        if os.path.isdir(checkpoint_dir(os.path.dirname(out_dir))):
+            # The PAS model's checkpoint and data position belong to the old complements.
+            changed = sorted(k for k in recipe if saved.get("recipe", {}).get(k) != recipe[k])
+            raise ValueError(
+                f"pas: {os.path.dirname(out_dir)} has a PAS model trained on complements made with other "
+                f"settings ({changed}); delete the workdir to redo them"
+            )
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     prompts = pas.read_prompts(resolve_data_path(p.prompts))

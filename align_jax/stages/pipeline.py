@@ -17,10 +17,13 @@ their results keyed by what produced them and redo only what changed.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 from typing import Any
 
+import jax
 import ml_collections
 
 from align_jax import stages as stage_modules
@@ -69,6 +72,67 @@ def is_complete(workdir: str, steps: int) -> bool:
     return bool(summary) and not summary.get("preempted") and int(summary.get("final_step", -1)) >= steps
 
 
+def fingerprint(path: str) -> str | None:
+    """What a stage's output is, for deciding whether what was built on it is stale: a hash of its
+    summary.json (final step, final metrics, a merge's recipe and source steps) and its latest checkpoint
+    step. An HF directory: its config.json's modification time and size. Absent: None."""
+    if not path or not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    summary = os.path.join(path, runner.SUMMARY)
+    if os.path.isfile(summary):
+        with open(summary, "rb") as f:
+            h.update(f.read())
+    h.update(str(checkpoint_step(path)).encode())
+    config_json = os.path.join(path, "config.json")
+    if os.path.isfile(config_json):
+        st = os.stat(config_json)
+        h.update(f"{st.st_mtime_ns}:{st.st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+STAGE_RECORD = "pipeline_stage.json"
+
+
+def check_stage_record(name: str, c: ml_collections.ConfigDict, workdir: str, inputs: list[str]) -> None:
+    """A stage's workdir remembers the settings (all but train.steps, which may grow: the stage then
+    resumes) and the inputs it was trained from. Reusing the workdir with other settings, or after an
+    input stage changed, would silently keep or extend a model that no longer matches the config, so it
+    is an error that says what differs."""
+    settings = json.loads(c.to_json_best_effort())
+    settings.get("train", {}).pop("steps", None)
+    for key in ("progress", "log_every", "eval_every", "ckpt_every", "async_checkpoint"):
+        settings.get("train", {}).pop(key, None)  # how a run reports, not what it trains
+    record = {"settings": settings, "inputs": {p: fingerprint(p) for p in inputs}}
+    path = os.path.join(workdir, STAGE_RECORD)
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != json.loads(json.dumps(record)):
+            changed = _diff(old.get("settings", {}), record["settings"])
+            inputs_changed = [k for k, v in record["inputs"].items() if old.get("inputs", {}).get(k) != v]
+            raise ValueError(
+                f"pipeline: {workdir} was trained with other settings or inputs (settings: {changed or 'same'}; "
+                f"changed inputs: {inputs_changed or 'none'}); delete it to retrain the {name} stage, or use "
+                "another --workdir"
+            )
+        return
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def stage_config(config: ml_collections.ConfigDict, name: str, resolve: Resolver) -> ml_collections.ConfigDict:
     """The stage's own config, with `stage:` references resolved (a copy: the pipeline config is locked)."""
     c = copy.deepcopy(config[name])
@@ -85,7 +149,18 @@ def stage_config(config: ml_collections.ConfigDict, name: str, resolve: Resolver
     return c
 
 
+def stage_inputs(name: str, c: ml_collections.ConfigDict) -> list[str]:
+    """The workdirs (or HF directories) a training stage's result depends on."""
+    paths = [c.init_from]
+    if name == "grpo":
+        paths += [c.grpo.rm_workdir, c.grpo.augment[len("pas:") :] if c.grpo.augment.startswith("pas:") else ""]
+    if name == "pas":
+        paths += [c.pas[k] for k in ("embedder", "teacher", "judge", "quality", "tagger")]
+    return sorted({p for p in paths if p and os.path.isabs(p)})
+
+
 def run_training_stage(name: str, c: ml_collections.ConfigDict, workdir: str) -> dict:
+    check_stage_record(name, c, workdir, stage_inputs(name, c))
     if is_complete(workdir, int(c.train.steps)):
         log.info("pipeline: %s is complete in %s; skipped", name, workdir)
         return {**runner.read_summary(workdir), "skipped": True}
@@ -95,6 +170,7 @@ def run_training_stage(name: str, c: ml_collections.ConfigDict, workdir: str) ->
 
 def run_merge(config: ml_collections.ConfigDict, resolve: Resolver, workdir: str) -> dict:
     from align_jax.merge import NEEDS_BASE, merge_checkpoints
+    from align_jax.merge.checkpoints import recipe_of
 
     m = config.merge
     kwargs: dict[str, Any] = {}
@@ -110,12 +186,24 @@ def run_merge(config: ml_collections.ConfigDict, resolve: Resolver, workdir: str
     # linear and slerp merge the listed models only; the anchor is for the task-vector methods.
     base = resolve(m.base, by="merge", key="base") if m.method in NEEDS_BASE else None
     models = resolve.many(m.models, by="merge", key="models")
-    # The merge's own skip rule compares recipes, which name paths, not checkpoints: when a source has
-    # trained further since (a longer run, a resumed stage), the stored merge is stale and is redone.
-    done = runner.read_summary(workdir) or {}
-    steps = {os.path.abspath(p): checkpoint_step(p) for p in [*models, *([base] if base else [])]}
-    stale = bool(done) and {os.path.abspath(k): v for k, v in done.get("source_steps", {}).items()} != steps
-    return merge_checkpoints(m.method, models, workdir, base=base, weights=weights, overwrite=stale, **kwargs)
+    # The merge's own skip rule compares recipes, which name paths, not what is in them: when a source
+    # has changed since (trained further, resumed) or the recipe changed, the stored merge is redone.
+    inputs = {p: fingerprint(p) for p in [*models, *([base] if base else [])]}
+    record = os.path.join(workdir, STAGE_RECORD)
+    done = runner.read_summary(workdir)
+    stale = False
+    if done is not None:
+        old = None
+        if os.path.isfile(record):
+            with open(record) as f:
+                old = json.load(f)
+        recipe = recipe_of(m.method, models, base, weights, kwargs)
+        stale = old != json.loads(json.dumps({"inputs": inputs})) or done.get("recipe") != recipe
+    out = merge_checkpoints(m.method, models, workdir, base=base, weights=weights, overwrite=stale, **kwargs)
+    with open(record + ".tmp", "w") as f:
+        json.dump({"inputs": inputs}, f)
+    os.replace(record + ".tmp", record)
+    return out
 
 
 def checkpoint_step(workdir: str) -> int | None:
@@ -129,16 +217,48 @@ def checkpoint_step(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
+def check_references(config: ml_collections.ConfigDict, order: list[str], resolve: Resolver) -> None:
+    """Every `stage:` reference of every stage resolved before the first one trains: a typo in the
+    eval settings should not surface after an hour of training."""
+    for name in order:
+        if name in TRAINING_STAGES:
+            stage_config(config, name, resolve)
+    if "merge" in order:
+        resolve.many(config.merge.models, by="merge", key="models")
+        resolve(config.merge.base, by="merge", key="base")
+    if "eval" in order:
+        e = config.eval
+        for key in ("rm", "pas"):
+            resolve(e[key], by="eval", key=key)
+        missing = [n.strip() for n in str(e.models).split(",") if n.strip() not in ("", "base", *order)]
+        if missing:
+            raise ValueError(f"config.eval.models names {missing}, which are not in config.stages={config.stages!r}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     order = stage_list(config)
+    if jax.process_count() > 1 and set(order) - {"sft", "rm", "dpo", "grpo"}:
+        # Merge, eval and PAS curation read and write whole files on one host.
+        raise ValueError(
+            f"config.stages={config.stages!r}: with {jax.process_count()} processes run only the training "
+            "stages (sft, rm, dpo, grpo); run pas, merge and eval on one host"
+        )
     resolve = Resolver(workdir, order)
+    check_references(config, order, resolve)
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, dict] = {}
+    out = {"stages": order, "workdir": os.path.abspath(workdir)}
     for name in order:
         where = os.path.join(os.path.abspath(workdir), name)
         if name in TRAINING_STAGES:
             summaries[name] = run_training_stage(name, stage_config(config, name, resolve), where)
+            if summaries[name].get("preempted"):
+                # Preempted (SIGTERM): the stage saved its checkpoint; the next run resumes it. Later stages
+                # must not start from a half-trained model.
+                log.warning("pipeline: %s was preempted; stopping (rerun to resume)", name)
+                out["preempted"] = name
+                break
         elif name == "merge":
             summaries[name] = run_merge(config, resolve, where)
         else:
@@ -146,9 +266,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             summaries[name] = evaluation.run_pipeline_eval(config, resolve, where, order)
         log.info("pipeline: %s done", name)
-    out = {"stages": order, "workdir": os.path.abspath(workdir)}
     if "eval" in summaries:
         out["report"] = summaries["eval"].get("report")
         out["metrics"] = summaries["eval"].get("metrics")
-    runner.write_summary(workdir, {**out, "stage_summaries": summaries})
+    if jax.process_index() == 0:
+        runner.write_summary(workdir, {**out, "stage_summaries": summaries})
     return out
