@@ -16,6 +16,8 @@ Rules (register more with `@register("name")`; the registry is the list of what 
   max_words       1 if the response has at most `limit` words, else 0
   capitals        for prompts that ask for capital letters: 1 if the response has no lower-case letter,
                   else 0; other prompts: 1 (the constraint does not apply)
+  constraints     the share of the row's verifiable `checks` (align_jax/eval/constraints.py, as in the
+                  eval prompt sets; e.g. demo:constraints_rl) the response passes; rows without checks: 0
 """
 
 from __future__ import annotations
