@@ -20,7 +20,7 @@ import bisect
 import glob
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +29,24 @@ from align_jax.data.formats import BadRowError, Origin
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 ReadResult = tuple[Any, Origin]
+
+
+def iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for each JSON object line of a small JSONL file (prompt sets, complements): blank
+    lines skipped; a line that is not a JSON object raises ValueError naming the file and line. `where`
+    ("PATH line N") is for the caller's own field errors. Training data goes through the sources below."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
 
 
 class RowSource(Protocol):

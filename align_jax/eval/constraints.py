@@ -34,6 +34,8 @@ import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from align_jax.data.sources import iter_jsonl
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 # Short names for the bundled prompt sets.
 PROMPT_SETS = {
@@ -337,18 +339,10 @@ def load_prompt_set(path: str, limit: int | None = None) -> list[dict[str, Any]]
     ValueError naming the file, the line and the field."""
     path = resolve_prompt_set(path)
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            rows.append(validate_row(raw, where))
-            if limit is not None and len(rows) >= limit:
-                break
+    for where, raw in iter_jsonl(path):
+        rows.append(validate_row(raw, where))
+        if limit is not None and len(rows) >= limit:
+            break
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows

@@ -10,12 +10,12 @@ when both models answer alike) counts half, so two identical models score exactl
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
+from align_jax.data.sources import iter_jsonl
 from align_jax.eval.constraints import Prompt, as_messages
 
 Messages = list[dict[str, str]]
@@ -115,22 +115,18 @@ def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
 
     path = resolve_data_path(path)
     out: list[Prompt] = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            row: Any = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("prompt"), str | list):
-                out.append(row["prompt"])
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                messages = list(row["messages"])
-                while messages and messages[-1].get("role") == "assistant":
-                    messages.pop()
-                if not messages:
-                    raise ValueError(f"{path} line {line_no}, field 'messages': no turn before the assistant's")
-                out.append(messages)
-            else:
-                raise ValueError(f"{path} line {line_no}: expected a 'prompt' (string or messages) or 'messages' field")
-            if limit is not None and len(out) >= limit:
-                break
+    for where, row in iter_jsonl(path):
+        if isinstance(row.get("prompt"), str | list):
+            out.append(row["prompt"])
+        elif isinstance(row.get("messages"), list):
+            messages = list(row["messages"])
+            while messages and messages[-1].get("role") == "assistant":
+                messages.pop()
+            if not messages:
+                raise ValueError(f"{where}, field 'messages': no turn before the assistant's")
+            out.append(messages)
+        else:
+            raise ValueError(f"{where}: expected a 'prompt' (string or messages) or 'messages' field")
+        if limit is not None and len(out) >= limit:
+            break
     return out

@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from align_jax.data.sources import iter_jsonl
+
 
 def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
     """Writes one JSON object per line to a temporary file beside `path`, then renames it over `path`:
@@ -34,19 +36,7 @@ def write_jsonl(path: str, rows: Iterable[Mapping[str, Any]]) -> int:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """Rows of a JSONL file (blank lines skipped); a bad line raises ValueError naming file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path} line {line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    return [row for _, row in iter_jsonl(path)]
 
 
 def _user_turns(messages: Any, where: str, field: str) -> list[str]:
@@ -83,17 +73,4 @@ def prompt_of(row: Mapping[str, Any], where: str, *, field: str = "prompt", turn
 def read_prompts(path: str, *, field: str = "prompt", turn: str = "first") -> list[str]:
     """Prompt texts of a JSONL file of {"prompt": str | messages} or {"messages": [...]} rows (e.g. the
     SFT demo chats: the first user turn of each)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            out.append(prompt_of(row, where, field=field, turn=turn))
-    return out
+    return [prompt_of(row, where, field=field, turn=turn) for where, row in iter_jsonl(path)]

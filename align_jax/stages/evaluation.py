@@ -23,20 +23,10 @@ import ml_collections
 
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path
+from align_jax.data.sources import iter_jsonl
 from align_jax.stages.pipeline import fingerprint
 
 log = logging.getLogger(__name__)
-
-
-def _read_jsonl(path: str, limit: int) -> list[dict]:
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rows.append(json.loads(line))
-            if limit and len(rows) >= limit:
-                break
-    return rows
 
 
 def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16) -> Any:
@@ -89,7 +79,9 @@ def rm_metrics(rm_dir: str, pref_eval: str, limit: int) -> dict[str, float]:
 
     scorer = RewardScorer.load(rm_dir)
     prompts, chosen, rejected = [], [], []
-    for i, row in enumerate(_read_jsonl(pref_eval, limit), start=1):
+    for i, (_, row) in enumerate(iter_jsonl(pref_eval), start=1):
+        if limit and i > limit:
+            break
         rec = to_preference_record(row, origin=Origin(pref_eval, i, "line"))
         prompts.append(rec["prompt"])
         chosen.append(rec["chosen"][-1]["content"])
@@ -101,6 +93,7 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     from align_jax.chat import ChatModel
     from align_jax.eval.report import write_report
     from align_jax.eval.suite import evaluate_model
+    from align_jax.eval.winrate import load_prompts
 
     e = config.eval
     os.makedirs(workdir, exist_ok=True)
@@ -114,11 +107,7 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
         from align_jax.eval.reward import RewardScorer
 
         scorer = RewardScorer.load(rm_dir)
-    reward_prompts = (
-        [r["prompt"] for r in _read_jsonl(resolve_data_path(e.reward_prompts), int(e.num_reward_prompts))]
-        if e.reward_prompts
-        else []
-    )
+    reward_prompts = load_prompts(e.reward_prompts, int(e.num_reward_prompts)) if e.reward_prompts else []
     augment = None
     pas_dir = resolve(e.pas, by="eval", key="pas") if e.pas else ""
     if pas_dir:
