@@ -245,6 +245,7 @@ def validate_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
             )
     if "eval" in names:
         _positive(c, "eval.max_new_tokens", "eval.seq_len", "eval.batch_size")
+        _one_of(c.eval.dtype, ("float32", "bfloat16"), "eval.dtype")
     return c
 
 

@@ -95,12 +95,16 @@ def get_config(arg: str = "tiny"):
     c.eval.seq_len = 256
     c.eval.batch_size = 16
     c.eval.ppl_batches = 8  # 0: the whole held-out set
+    # The models' dtype during eval (each of policy, reference, RM and PAS model is held replicated on every
+    # local device): float32 for the tiny CPU demo, bfloat16 for real models.
+    c.eval.dtype = "float32"
 
     if arg == "llama3_8b":
         c.eval.constraints = "general"
         c.eval.max_new_tokens = 512
         c.eval.seq_len = 4096
         c.eval.ppl_batches = 0
+        c.eval.dtype = "bfloat16"
         for key in ("sft_eval", "pref_eval", "reward_prompts"):
             c.eval[key] = ""  # your held-out files: --config.eval.sft_eval=... etc.
     c.lock()

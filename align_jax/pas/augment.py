@@ -48,7 +48,9 @@ class Augmenter:
         self._calls = 0
 
     @classmethod
-    def load(cls, pas_workdir: str, *, step: int | None = None, batch_size: int = 16, **kwargs: Any) -> Augmenter:
+    def load(
+        cls, pas_workdir: str, *, step: int | None = None, batch_size: int = 16, dtype: str = "float32", **kwargs: Any
+    ) -> Augmenter:
         """An Augmenter over the ChatModel in `pas_workdir` (an SFT stage workdir or an HF directory)."""
         from align_jax import checkpoint
         from align_jax.chat import ChatModel
@@ -58,7 +60,7 @@ class Augmenter:
             saved = checkpoint.read_config(pas_workdir, step).get("config", {})
             if saved.get("stage") == "pas":
                 kwargs["max_new_tokens"] = int(saved["pas"]["max_new_tokens"])
-        return cls(ChatModel.load(pas_workdir, step=step, batch_size=batch_size), **kwargs)
+        return cls(ChatModel.load(pas_workdir, step=step, batch_size=batch_size, dtype=dtype), **kwargs)
 
     def complements(self, prompts: Sequence[str]) -> list[str]:
         """The PAS model's complement for each prompt (stripped; "" when it writes nothing)."""

@@ -44,7 +44,7 @@ def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16)
 
     base = resolve(config.sft.init_from, by="eval", key="models") if config.sft.init_from else config.init_from
     if base:
-        return ChatModel.load(base, name="base")
+        return ChatModel.load(base, name="base", dtype=config.eval.dtype, batch_size=batch_size)
     sft_dir = resolve("stage:sft", by="eval", key="models")
     saved = checkpoint.read_config(sft_dir)
     # The SFT run's own runtime settings (layers per remat unit and param dtype shape the init), so the
@@ -106,14 +106,14 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     if rm_dir:
         from align_jax.eval.reward import RewardScorer
 
-        scorer = RewardScorer.load(rm_dir)
+        scorer = RewardScorer.load(rm_dir, dtype=e.dtype)
     reward_prompts = load_prompts(e.reward_prompts, int(e.num_reward_prompts)) if e.reward_prompts else []
     augment = None
     pas_dir = resolve(e.pas, by="eval", key="pas") if e.pas else ""
     if pas_dir:
         from align_jax.pas.augment import Augmenter
 
-        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens))
+        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens), dtype=e.dtype)
         augment = augmenter.augment_messages
     settings = {k: e[k] for k in sorted(e.keys()) if k != "models"}  # which models: not how they are measured
     reference_name = e.reference if e.reference in names or e.reference in order else ""
@@ -125,7 +125,7 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     def load(name: str):
         if name == "base":
             return base_model(config, resolve, batch)
-        return ChatModel.load(os.path.join(resolve.workdir, name), batch_size=batch)
+        return ChatModel.load(os.path.join(resolve.workdir, name), batch_size=batch, dtype=e.dtype)
 
     sft_dir = os.path.join(resolve.workdir, "sft")
     for name in names:
