@@ -111,6 +111,14 @@ class Checkpointer:
         self.manager.close()
 
 
+def latest_step_on_disk(workdir: str) -> int | None:
+    """A workdir's latest finished checkpoint step, read from the step directories' names (Orbax's
+    in-progress saves have non-numeric names), without opening a checkpoint manager; None if none."""
+    directory = checkpoint_dir(workdir)
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps) if steps else None
+
+
 def read_config(workdir: str, step: int | None = None) -> dict:
     """The config saved with a workdir's checkpoint (latest by default)."""
     with ocp.CheckpointManager(checkpoint_dir(workdir)) as mngr:

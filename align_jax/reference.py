@@ -81,10 +81,10 @@ def reference_fingerprint(init_from: str, seed: int, model_json: Mapping[str, An
         names = sorted(n for n in os.listdir(root) if n.endswith((".safetensors", ".json")))
     else:
         directory = checkpoint.checkpoint_dir(root)
-        steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-        if not steps:
+        step = checkpoint.latest_step_on_disk(root)
+        if step is None:
             raise FileNotFoundError(f"init_from={init_from}: no checkpoint under {directory}")
-        base = os.path.join(directory, str(max(steps)))
+        base = os.path.join(directory, str(step))
         names = sorted(os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs)
     h.update(base.encode())
     for n in names:

@@ -27,6 +27,7 @@ import jax
 import ml_collections
 
 from align_jax import stages as stage_modules
+from align_jax.checkpoint import latest_step_on_disk
 from align_jax.config import PIPELINE_STAGES, validate
 from align_jax.stages import runner
 
@@ -83,7 +84,7 @@ def fingerprint(path: str) -> str | None:
     if os.path.isfile(summary):
         with open(summary, "rb") as f:
             h.update(f.read())
-    h.update(str(checkpoint_step(path)).encode())
+    h.update(str(latest_step_on_disk(path)).encode())
     config_json = os.path.join(path, "config.json")
     if os.path.isfile(config_json):
         st = os.stat(config_json)
@@ -204,17 +205,6 @@ def run_merge(config: ml_collections.ConfigDict, resolve: Resolver, workdir: str
         json.dump({"inputs": inputs}, f)
     os.replace(record + ".tmp", record)
     return out
-
-
-def checkpoint_step(workdir: str) -> int | None:
-    """A stage workdir's latest checkpoint step from its directory names (None for an HF directory)."""
-    from align_jax.checkpoint import checkpoint_dir
-
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
-    return max(steps) if steps else None
 
 
 def check_references(config: ml_collections.ConfigDict, order: list[str], resolve: Resolver) -> None:
