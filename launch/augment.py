@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from align_jax.host import tune_host_allocator
+
 _PAS = flags.DEFINE_string("pas", None, "the PAS model: an sft stage workdir or an HF directory")
 _INPUT = flags.DEFINE_string("input", None, "JSONL rows with a 'prompt'")
 _PROMPT = flags.DEFINE_string("prompt", None, "augment one prompt instead of a file")
@@ -30,6 +32,7 @@ flags.mark_flags_as_required(["pas"])
 
 
 def main(argv) -> int:
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
     from align_jax.pas.augment import Augmenter, augment_rows
     from align_jax.pas.jsonl import read_jsonl, write_jsonl

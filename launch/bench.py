@@ -42,6 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import numpy as np
 
+from align_jax.host import tune_host_allocator
+
 
 def peak_bytes(compiled) -> int:
     m = compiled.memory_analysis()
@@ -362,6 +364,7 @@ def main_generate(config) -> int:
 
 
 def main(argv) -> int:
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
     config = _CONFIG.value
     config.unlock()

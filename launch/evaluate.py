@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from align_jax.host import tune_host_allocator
+
 _MODEL = flags.DEFINE_string("model", None, "a stage workdir or an HF directory")
 _STEP = flags.DEFINE_integer("step", None, "checkpoint step of a workdir (default: latest)")
 _CONSTRAINTS = flags.DEFINE_string("constraints", None, "prompt set: a JSONL path, 'demo' or 'general'")
@@ -37,6 +39,7 @@ flags.mark_flags_as_required(["model"])
 
 
 def main(argv) -> int:
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
     from align_jax.chat import ChatModel
     from align_jax.eval.constraints import load_prompt_set

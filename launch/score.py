@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
+from align_jax.host import tune_host_allocator
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "the rm stage's workdir")
 _INPUT = flags.DEFINE_string("input", None, "JSONL rows to score")
 _OUTPUT = flags.DEFINE_string("output", None, "where to write the scored rows (JSONL); default: stdout")
@@ -30,6 +32,7 @@ flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv) -> int:
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
     from align_jax.data.formats import BadRowError, Origin
     from align_jax.data.preference import to_preference_record

@@ -21,9 +21,11 @@ import jax
 import numpy as np
 
 import align_jax as aj
+from align_jax.host import tune_host_allocator
 
 
 def main() -> int:
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="where to write the HF export (default: a temp dir)")
     args = parser.parse_args()

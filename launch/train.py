@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags
 from ml_collections import config_flags
 
+from align_jax.host import tune_host_allocator
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -32,6 +34,7 @@ def _multiprocess() -> bool:
 
 
 def main(argv):
+    tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
