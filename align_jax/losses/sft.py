@@ -19,12 +19,45 @@ def target_mask(batch: dict[str, jax.Array]) -> jax.Array:
     return (batch["loss_mask"][:, 1:] > 0) & same
 
 
+@jax.custom_vjp
+def _xent(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(nll, logZ, correct) of float32 logits. `correct` is 1 where the target's logit is the row's
+    maximum (argmax up to exact ties), read off the max the log-partition needs anyway."""
+    top = jnp.max(logits_BTV, axis=-1)
+    logz = top + jnp.log(jnp.sum(jnp.exp(logits_BTV - top[..., None]), axis=-1))
+    picked = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return logz - picked, logz, (picked >= top).astype(jnp.float32)
+
+
+def _xent_fwd(logits_BTV, targets_BT):
+    out = _xent(logits_BTV, targets_BT)
+    return out, (logits_BTV, targets_BT, out[1])
+
+
+def _xent_bwd(res, cotangents):
+    # d nll = softmax - onehot(target), d logZ = softmax: one elementwise pass over the logits, where
+    # autodiff of take_along_axis would scatter into a zeroed [B, T, V] buffer and add it back.
+    logits_BTV, targets_BT, logz = res
+    g_nll, g_logz, _ = cotangents
+    softmax = jnp.exp(logits_BTV - logz[..., None])
+    onehot = jax.lax.broadcasted_iota(targets_BT.dtype, logits_BTV.shape, logits_BTV.ndim - 1) == targets_BT[..., None]
+    grad = softmax * (g_nll + g_logz)[..., None] - jnp.where(onehot, g_nll[..., None], 0.0)
+    return grad, None
+
+
+_xent.defvjp(_xent_fwd, _xent_bwd)
+
+
+def token_xent(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token (negative log-likelihood, log-partition, correct), in float32; `correct` is 1 where
+    the target has the highest logit."""
+    return _xent(logits_BTV.astype(jnp.float32), targets_BT)
+
+
 def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition, in float32."""
-    logits_BTV = logits_BTV.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits_BTV, axis=-1)
-    picked = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
-    return logz - picked, logz
+    nll, logz, _ = token_xent(logits_BTV, targets_BT)
+    return nll, logz
 
 
 def lm_head_weight(params: Any, tie_word_embeddings: bool) -> jax.Array:
@@ -46,8 +79,7 @@ def chunked_token_stats(
     @jax.checkpoint
     def one(h_BCE, y_BC):
         logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
-        nll, logz = token_nll(logits, y_BC)
-        return nll, logz, (jnp.argmax(logits, axis=-1) == y_BC).astype(jnp.float32)
+        return token_xent(logits, y_BC)
 
     stats = jax.lax.map(lambda xs: one(*xs), (h_NBCE, y_NBC))
     return tuple(x.swapaxes(0, 1).reshape(b, t) for x in stats)
@@ -71,8 +103,7 @@ def token_stats(
         stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk)
         return tuple(x[:, :t] for x in stats)
     logits = model.apply({"params": params}, tokens, positions, segments)[:, :-1]
-    nll, logz = token_nll(logits, targets)
-    return nll, logz, (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return token_xent(logits, targets)
 
 
 def sft_loss(
