@@ -143,17 +143,51 @@ class Attention(nn.Module):
         return out if cache is None else (out, cache)
 
 
+class LinearWeights(nn.Module):
+    """A `Linear`'s kernel and bias (None without one), declared but not applied."""
+
+    cfg: ModelConfig
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
+        b = _param(self, "bias", self.shape[1:], self.axes[1:], nn.initializers.zeros) if self.use_bias else None
+        return w, b
+
+
 class Mlp(nn.Module):
+    """SwiGLU. Training and prefill run gate and up as one einsum over the two kernels stacked
+    [E, 2, F] (one matmul and one weight-gradient transpose instead of two: the MLP's fwd+bwd is ~20%
+    faster on CPU; the stacked axis is unsharded and F keeps its sharding, so nothing moves between
+    devices). Decoding keeps two einsums: stacking would copy both kernels on every step of a
+    memory-bound loop. Checkpoints keep HF's separate gate_proj / up_proj leaves either way."""
+
     cfg: ModelConfig
     sharder: Sharder
+    fuse_gate_up: bool = True
 
     @nn.compact
     def __call__(self, x_BTE: jax.Array) -> jax.Array:
         cfg = self.cfg
         e, f = cfg.hidden_size, cfg.intermediate_size
-        up_eq, mlp_names = "bte,ef->btf", ("activation_batch", "activation_length", "activation_mlp")
-        gate = Linear(cfg, (e, f), ("embed", "mlp"), up_eq, use_bias=cfg.mlp_bias, name="gate_proj")(x_BTE)
-        up = Linear(cfg, (e, f), ("embed", "mlp"), up_eq, use_bias=cfg.mlp_bias, name="up_proj")(x_BTE)
+        dtype = cfg.jnp_dtype
+        mlp_names = ("activation_batch", "activation_length", "activation_mlp")
+        weights = [
+            LinearWeights(cfg, (e, f), ("embed", "mlp"), cfg.mlp_bias, name=name)() for name in ("gate_proj", "up_proj")
+        ]
+        if self.fuse_gate_up:
+            w_E2F = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)
+            h_BT2F = jnp.einsum("bte,ecf->btcf", x_BTE, w_E2F)
+            if cfg.mlp_bias:
+                h_BT2F = h_BT2F + _bcast(jnp.stack([b for _, b in weights]).astype(dtype), 4)
+            gate, up = h_BT2F[:, :, 0], h_BT2F[:, :, 1]
+        else:
+            gate, up = (jnp.einsum("bte,ef->btf", x_BTE, w.astype(dtype)) for w, _ in weights)
+            if cfg.mlp_bias:
+                gate, up = (y + _bcast(b.astype(dtype), 3) for y, (_, b) in zip((gate, up), weights, strict=True))
         hidden = self.sharder.constrain(nn.silu(gate) * up, mlp_names)
         down = Linear(cfg, (f, e), ("mlp", "embed"), "btf,fe->bte", use_bias=cfg.mlp_bias, name="down_proj")
         return checkpoint_name(down(hidden), "mlp_out")
@@ -180,7 +214,7 @@ class Block(nn.Module):
             out, cache = attn(h, positions_BT, mask_BTS, cache, cache_index)
             x_BTE, cache = x_BTE + out, {**cache, "layer": cache["layer"] + 1}
         h = RMSNorm(self.cfg, name="post_attn_norm")(x_BTE)
-        x_BTE = x_BTE + Mlp(self.cfg, self.sharder, name="mlp")(h)
+        x_BTE = x_BTE + Mlp(self.cfg, self.sharder, fuse_gate_up=self.mode != "decode", name="mlp")(h)
         x_BTE = self.sharder.constrain(x_BTE, BTE)
         return (x_BTE if cache is None else (x_BTE, cache)), None
 
