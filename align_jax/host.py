@@ -7,9 +7,11 @@ arena above 32 MB) and unmaps it on `free`, so every step faults its whole scrat
 page: 81,000 page faults and ~130 ms of kernel time per `tiny` step on a 2-core CPU, about half the step.
 
 `tune_host_allocator()` keeps that memory in the process instead: one malloc arena for all threads
-(worker-thread arenas cannot grow past 64 MB and fall back to mmap), no mmap for large blocks, and up to
-2 GB of freed heap kept for reuse rather than returned to the kernel. The `tiny` step drops from ~235 ms
-to ~185 ms (docs/benchmarks.md). The cost is that the process keeps its peak heap.
+(worker-thread arenas cannot grow past 64 MB and fall back to mmap), no mmap for large blocks, and no
+trimming of freed heap (any finite threshold below the scratch size just moves the faults to brk: with
+2 GB, the 4 GB `small30m` step faulted 712k pages per step). The `tiny` step drops from ~235 ms to
+~185 ms and `small30m` from 4.1 s to 3.6 s (docs/benchmarks.md). The cost: the process keeps its peak
+heap until it exits.
 
 It must run before JAX starts its CPU backend (the first computation, `jax.devices()`, or
 `jax.distributed.initialize()`): threads that have already allocated keep their own arenas. The
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_KEEP_FREED_BYTES = 2**31 - 1  # mallopt takes an int: keep up to ~2 GB of freed heap
+_NEVER = -1  # mallopt takes an int; glibc reads -1 as SIZE_MAX for the trim threshold: never trim
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "jax_rocm7_plugin", "libtpu")
 _applied: bool | None = None
@@ -65,7 +67,7 @@ def tune_host_allocator(environ: dict[str, str] | None = None) -> bool:
         return False
     ok = all(
         libc.mallopt(param, value) == 1
-        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES))
+        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
     )
     if not ok:
         log.warning("mallopt refused the host allocator settings; XLA CPU steps will page-fault their scratch memory")
