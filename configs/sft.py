@@ -5,11 +5,17 @@
 Presets:
   tiny       The CPU demo. Trains a byte-level BPE (512 tokens) and a 4-layer, ~0.9M-parameter Llama-
              style model from scratch on the bundled demo chats (align_jax/data/demo). 2-core CPU:
-             ~85 s for 300 steps (3.8 it/s); train loss 3.6 at step 20 -> ~0.5, eval loss 1.30 / 0.67 /
-             0.52 at steps 100 / 200 / 300, eval token accuracy 83%.
+             ~70 s for 300 steps (4.8 it/s); train loss 3.6 at step 20 -> ~0.5, eval loss 1.28 / 0.66 /
+             0.52 at steps 100 / 200 / 300, eval token accuracy 82%.
   small30m   The ~30M-parameter benchmark shape (10 layers, hidden 512) on the demo data; for
-             `launch/bench.py` on CPU and as a quick GPU check. 2-core CPU: ~4.1 s/step (8 x 512
+             `launch/bench.py` on CPU and as a quick GPU check. 2-core CPU: ~3.6 s/step (8 x 512
              tokens). Not tuned for quality.
+  llama1b    The ~1B GPU benchmark shape: Llama-3.2-1B (16 layers, hidden 2048, 128k vocab, tied
+             embeddings; 1.24B params), random init on the demo data and tokenizer unless
+             --config.init_from=/path/to/Llama-3.2-1B. One H100/H200: seq_len 4096, 16 rows/step (65k
+             tokens) in 2 microbatches, bf16 compute, full remat one unit per layer, loss in 1024-position
+             chunks. 6 x 1.24e9 matmul params (tied head included) x 65k tokens + attention = ~4.9e14
+             FLOP/step: ~1.0 s/step at 50% MFU (the target; not yet measured, no GPU lent so far).
   llama3_8b  Llama-3(.1)-8B from an HF directory (--config.init_from=/path/to/Meta-Llama-3-8B).
              8x H100/H200 or a TPU v5p-8: mesh fsdp=8, seq_len 4096, 64 rows/step in 4 microbatches,
              full remat one unit per layer, bf16 compute, loss in 1024-position chunks (unchunked,
@@ -55,6 +61,26 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=1e-3, warmup_steps=20)
         c.train.update(steps=200, log_every=20, eval_every=100, ckpt_every=100)
         c.data.eval_batches = 4
+    elif arg == "llama1b":
+        c.tokenizer = "demo"
+        c.model.update(
+            vocab_size=128256,
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_layers=16,
+            num_heads=32,
+            num_kv_heads=8,
+            head_dim=64,
+            rope_theta=500000.0,
+            tie_word_embeddings=True,
+            dtype="bfloat16",
+            remat_policy="full",
+            layers_per_unit=1,
+        )
+        c.data.update(seq_len=4096, batch_size=16)
+        c.optim.update(lr=3e-4, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
+        c.train.update(steps=1000, microbatches=2, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
+        c.data.eval_batches = 4
     elif arg in ("llama3_8b", "qwen2_7b"):
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
@@ -71,7 +97,7 @@ def get_config(arg: str = "tiny"):
         c.data.eval_batches = 20
     else:
         raise ValueError(
-            f"configs/sft.py: unknown preset {arg!r}; presets: tiny, small30m, llama3_8b, qwen2_7b, llama3_70b"
+            f"configs/sft.py: unknown preset {arg!r}; presets: tiny, small30m, llama1b, llama3_8b, qwen2_7b, llama3_70b"
         )
     c.lock()
     return c

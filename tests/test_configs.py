@@ -42,7 +42,7 @@ def test_preset_builds_and_validates(stage, preset):
 
 
 def test_sft_has_its_presets():
-    assert set(presets("sft")) >= {"tiny", "small30m", "llama3_8b", "qwen2_7b", "llama3_70b"}
+    assert set(presets("sft")) >= {"tiny", "small30m", "llama1b", "llama3_8b", "qwen2_7b", "llama3_70b"}
 
 
 def test_unknown_key_and_bad_value_fail_early():
