@@ -14,9 +14,9 @@ Presets:
              bundled data (align_jax/data/demo), then the PAS model (template teacher + rule judge, the
              offline stand-in for a teacher LLM), the reward model, DPO (+RPO), GRPO (verifiable
              checks + reward model + PTX), Model Stock, and the evaluation of base / sft / dpo / grpo /
-             merge. 2-core CPU: ~5.5 min, 1.9 GB peak memory. Measured: constraint following (prompt
-             level) 0.06 / 0.875 / 0.87 / 0.915 / 0.885 and mean reward under the RM -2.38 / 0.83 /
-             0.75 / 1.48 / 0.88 for base / sft / dpo / grpo / merge; GRPO wins 87% against SFT.
+             merge. 2-core CPU: ~4.5 min, 2.6 GB peak memory. Measured: constraint following (prompt
+             level) 0.06 / 0.875 / 0.87 / 0.915 / 0.885 and mean reward under the RM -2.39 / 0.78 /
+             0.75 / 1.17 / 0.81 for base / sft / dpo / grpo / merge; GRPO wins 69% against SFT.
   llama3_8b  The same stages for Llama-3-8B on your data (--config.init_from=/models/Meta-Llama-3-8B,
              --config.sft.data.train=..., --config.rm.data.train=..., --config.dpo.data.train=...,
              --config.grpo.data.train=PROMPTS, --config.pas.pas.prompts=PROMPTS,
