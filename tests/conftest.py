@@ -1,8 +1,7 @@
 """Test setup shared by the whole suite.
 
-8 fake CPU devices so every sharding test runs anywhere, and the host allocator settings of
-align_jax/host.py; both must happen before JAX starts its backend, which is why they are at the top of
-the first file pytest loads.
+8 fake CPU devices so every sharding test runs anywhere; this must happen before jax is imported,
+which is why it is at the top of the first file pytest loads.
 """
 
 import os
@@ -13,10 +12,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax
 import pytest
-
-from align_jax.host import tune_host_allocator
-
-tune_host_allocator()  # as the launch scripts do, before the CPU backend starts (align_jax/host.py)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Parity tests compare float32 numbers against PyTorch; keep XLA's default full-precision fp32 dots.
