@@ -17,9 +17,10 @@ peaks at 2.6 GB resident instead of 1.4 GB, and runs in 69 s instead of 84 s.
 It must run before JAX starts its CPU backend (the first computation, `jax.devices()`, or
 `jax.distributed.initialize()`): threads that have already allocated keep their own arenas. The
 `launch/` scripts call it first thing. The test suite does not: it is compile-bound, and XLA's
-multi-threaded compiler contends for the single arena (two test files: 92 s tuned vs 77 s default). It applies only where the CPU is JAX's
-platform (GPU/TPU hosts keep glibc's defaults: their step memory lives on the device), on glibc; set
-ALIGN_JAX_HOST_MALLOC=default to leave malloc alone, or =tuned to apply it on any platform.
+multi-threaded compiler contends for the single arena (two test files: 92 s tuned vs 77 s default).
+It applies only where the CPU is JAX's platform (GPU/TPU hosts keep glibc's defaults: their step memory
+lives on the device), on glibc; set ALIGN_JAX_HOST_MALLOC=default to leave malloc alone, or =tuned to
+apply it on any platform.
 """
 
 from __future__ import annotations

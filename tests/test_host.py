@@ -14,7 +14,7 @@ from align_jax import host
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A jitted function with a 128 MiB scratch buffer (the cumsum's [4096, 4096] float32 intermediate),
-# called 12 times; prints the page faults of each of the last 8 calls and the malloc heap size.
+# called 24 times; prints the page faults of each of the last 16 calls and the malloc heap size.
 _PROBE = textwrap.dedent(
     """
     import ctypes, json, resource
@@ -25,10 +25,10 @@ _PROBE = textwrap.dedent(
     f = jax.jit(lambda x: jnp.cumsum(jnp.exp(x) * 2.0, axis=0)[::7].sum(0))
     temp = f.lower(x).compile().memory_analysis().temp_size_in_bytes
     faults = []
-    for i in range(12):
+    for i in range(24):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         f(x).block_until_ready()
-        if i >= 4:
+        if i >= 8:
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
