@@ -53,12 +53,14 @@ def peak_bytes(compiled) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def time_steps(step_fn, state, batches, n: int) -> tuple[object, float]:
-    # Warm up: compilation, first dispatches, and the malloc heap settling into reusing the step's
-    # scratch memory (align_jax/host.py), which takes a few steps.
-    for i in range(5):
+def time_steps(step_fn, state, batches, n: int, warmup: int = 5) -> tuple[object, float]:
+    """Mean seconds per step over `n` steps, after `warmup` untimed steps: compilation, first
+    dispatches, and the malloc heap settling into reusing the step's scratch memory
+    (align_jax/host.py), which takes a few steps."""
+    for i in range(warmup):
         state, metrics = step_fn(state, batches[i % len(batches)])
-    jax.block_until_ready(metrics)
+    if warmup:
+        jax.block_until_ready(metrics)
     t0 = time.perf_counter()
     for i in range(n):
         state, metrics = step_fn(state, batches[i % len(batches)])
@@ -210,11 +212,8 @@ def bench_torch(result: dict, steps: int, rounds: int = 3) -> dict:
 
     def ours() -> float:
         nonlocal state
-        t0 = time.perf_counter()
-        for i in range(steps):
-            state, metrics = run.step_fn(state, batches[i % len(batches)])
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - t0) / steps
+        state, step_s = time_steps(run.step_fn, state, batches, steps, warmup=0)
+        return step_s
 
     def theirs() -> float:
         t0 = time.perf_counter()
