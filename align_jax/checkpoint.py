@@ -13,16 +13,22 @@ Init precedence (the only place it is decided):
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
+import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from align_jax.errors import NotFoundError, UserError
 from align_jax.models.config import ModelConfig, from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
+from align_jax.workdir import config_diff, read_summary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,37 @@ def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
+class CheckpointSaveError(UserError, RuntimeError):
+    """Writing a checkpoint failed (disk full, quota, permissions). The message names the directory, the
+    OS's reason and the last complete checkpoint; Orbax's own error is kept in `original`."""
+
+    def __init__(self, message: str, original: BaseException):
+        super().__init__(message)
+        self.original = original
+
+
+class ResumeMismatchError(UserError, ValueError):
+    """A workdir's checkpoint was written with settings its state cannot be restored under."""
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for a failed write, dug out of Orbax's and TensorStore's wrapping
+    (an OSError somewhere in the chain, or TensorStore's "...: REASON [os_error_code='N']")."""
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror} (errno {e.errno})"
+        m = re.search(r":\s*([^:\[\]]+?)\s*\[os_error_code='(\d+)'\]", str(e))
+        if m:
+            return f"{m.group(1)} (errno {m.group(2)})"
+        todo += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
 class Checkpointer:
     """A thin layer over `ocp.CheckpointManager` that knows our three items."""
 
@@ -49,8 +86,11 @@ class Checkpointer:
         best_mode: str = "min",
         async_save: bool = True,
     ):
+        if keep < 0:
+            raise ValueError(f"keep={keep}: the number of latest checkpoints to keep, >= 1 (0: keep all)")
         policies = ocp.checkpoint_managers
-        keep_policy = policies.LatestN(n=keep)
+        # The latest checkpoint is always among the kept ones: LatestN(n=0) would delete even the final one.
+        keep_policy = policies.LatestN(n=keep or None)
         if best_metric:
             # The last `keep` steps, plus the best one by `best_metric` (BestN keeps the top of an
             # ascending sort, so "min" sorts descending).
@@ -67,9 +107,14 @@ class Checkpointer:
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
             create=True,
+            # A save cut off by a kill leaves a model-sized `<step>.orbax-checkpoint-tmp*`; the workdir lock
+            # guarantees no other run is writing one, so they are safe to remove at start.
+            cleanup_tmp_directories=True,
         )
         self.directory = checkpoint_dir(workdir)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step whose (async) save may still be in flight
+        self._failed = False  # a save failed (and was reported)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -90,7 +135,10 @@ class Checkpointer:
             data=ocp.args.JsonSave(data_state or {}),
             config=ocp.args.JsonSave(config),
         )
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+        # An async save's failure surfaces at the next save: name that step, not this one.
+        with self._save_errors(self._saving if self._saving is not None else step):
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+        self._saving = step
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
         """Restores (state, data_state, config) into the shardings of `abstract_state`."""
@@ -103,12 +151,52 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out.state, dict(out.data or {}), dict(out.config or {})
 
+    def read_config(self, step: int | None = None) -> dict:
+        """The config saved with a step of this workdir (latest by default), without reading the state."""
+        step = self.manager.latest_step() if step is None else step
+        return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config or {})
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._save_errors(self._saving):
+            self.manager.wait_until_finished()
+        self._saving = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            if self._failed:  # already reported; what is left is the same failure's other threads
+                with contextlib.suppress(Exception):
+                    self.manager.wait_until_finished()
+            else:
+                self.wait()
+        finally:
+            self.manager.close()
+            if self._failed:
+                self._remove_partial_steps()  # writer threads that outlived the error may have recreated them
+
+    def _remove_partial_steps(self) -> None:
+        for partial in glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*")):
+            shutil.rmtree(partial, ignore_errors=True)  # frees the space the failed save took
+
+    @contextlib.contextmanager
+    def _save_errors(self, step: int | None):
+        """Turns a failed write (Orbax's ~100-line chain around one OS error) into one message naming the
+        directory, the reason and the last complete checkpoint, and removes the partial step."""
+        try:
+            yield
+        except Exception as e:
+            self._saving, self._failed = None, True
+            with contextlib.suppress(Exception):  # let the save's other writer threads finish first
+                self.manager.wait_until_finished()
+            self._remove_partial_steps()
+            last = latest_step_on_disk(os.path.dirname(self.directory))
+            where = f"{self.directory}/{last}" if last is not None else "none (nothing was saved yet)"
+            log.debug("checkpoint save failed", exc_info=e)
+            raise CheckpointSaveError(
+                f"saving checkpoint step {step if step is not None else '?'} under {self.directory} failed: "
+                f"{_os_reason(e)}. Last complete checkpoint: {where}; fix the cause (e.g. free disk space) and "
+                "rerun the same command to resume from it",
+                original=e,
+            ) from None
 
 
 def latest_step_on_disk(workdir: str) -> int | None:
@@ -119,12 +207,27 @@ def latest_step_on_disk(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def read_config(workdir: str, step: int | None = None) -> dict:
+def _reader(workdir: str, what: str) -> ocp.CheckpointManager:
+    """A read-only manager over a workdir's checkpoints: reading never creates directories (a typo in
+    init_from or --workdir used to leave `<typo>/checkpoints` behind) and fails naming what was expected."""
+    directory = checkpoint_dir(workdir)
+    if latest_step_on_disk(workdir) is None:
+        if not os.path.isdir(workdir):
+            found = "no such directory"
+        elif not os.path.isdir(directory):
+            found = f"a directory without {CHECKPOINT_DIR}/ (entries: {', '.join(sorted(os.listdir(workdir))[:8]) or 'none'})"
+        else:
+            found = f"{CHECKPOINT_DIR}/ holds no finished checkpoint step"
+        raise NotFoundError(
+            f"{what}={workdir}: expected an align_jax stage workdir (with {CHECKPOINT_DIR}/<step>/), found {found}"
+        )
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+
+
+def read_config(workdir: str, step: int | None = None, *, what: str = "workdir") -> dict:
     """The config saved with a workdir's checkpoint (latest by default)."""
-    with ocp.CheckpointManager(checkpoint_dir(workdir)) as mngr:
+    with _reader(workdir, what) as mngr:
         step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir}: no checkpoint under {checkpoint_dir(workdir)}")
         out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out.config)
 
@@ -133,11 +236,8 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None, 
     """Params only, from a stage workdir's checkpoint, into the shardings of `abstract_params`.
 
     The optimizer state and everything else in the checkpoint are not read."""
-    directory = checkpoint_dir(workdir)
-    with ocp.CheckpointManager(directory) as mngr:
+    with _reader(workdir, "init_from") as mngr:
         step = mngr.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"init_from={workdir}: no checkpoint under {directory}")
         target = {key: abstract_params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
         args = ocp.args.Composite(
@@ -167,15 +267,89 @@ def restore_decoder_params(workdir: str, abstract_params: Any, step: int | None 
     return restore_params(workdir, {key: abstract_params}, step)[key]
 
 
+_warned_unfinished: set[str] = set()
+
+
+def init_from_kind(init_from: str) -> str:
+    """'hf' or 'workdir' for what `init_from` names; any other path is an error that says what was
+    expected there. A workdir whose stage did not finish (preempted, crashed, still running) is used,
+    with a warning: its latest checkpoint is a half-trained model."""
+    if is_hf_dir(init_from):
+        return "hf"
+    if latest_step_on_disk(init_from) is not None:
+        summary = read_summary(init_from)
+        if (summary is None or summary.get("preempted")) and init_from not in _warned_unfinished:
+            _warned_unfinished.add(init_from)
+            state = "was preempted" if summary else "has no summary.json (unfinished, or still running)"
+            log.warning(
+                "init_from=%s %s: starting from its latest checkpoint, step %d, which is not the stage's final model",
+                init_from,
+                state,
+                latest_step_on_disk(init_from),
+            )
+        return "workdir"
+    if not os.path.isdir(init_from):
+        found = "no such directory"
+    else:
+        entries = sorted(os.listdir(init_from))
+        found = f"a directory holding {', '.join(entries[:8]) + (', ...' if len(entries) > 8 else '') or 'nothing'}"
+    raise NotFoundError(
+        f"init_from={init_from} is neither a Hugging Face directory (config.json + safetensors weights) nor an "
+        f"align_jax stage workdir ({CHECKPOINT_DIR}/<step>/ with a finished step): found {found}"
+    )
+
+
 def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
     """The ModelConfig behind `init_from`: an HF directory's config.json or a workdir's saved config."""
-    if is_hf_dir(init_from):
+    if init_from_kind(init_from) == "hf":
         return read_hf_config(init_from, **runtime)
-    saved = read_config(init_from)
+    saved = read_config(init_from, what="init_from")
     try:
         return from_hf_dict(saved["hf_model_config"], where=f"{init_from} (saved config)", **runtime)
     except KeyError:
         raise ValueError(f"init_from={init_from}: its saved config has no 'hf_model_config'") from None
+
+
+# What a checkpoint's state is shaped by: resuming under other values cannot restore it. Everything else
+# in the saved config may change on resume (train.steps grows; a learning rate is changed on purpose),
+# and a change is logged.
+_STATE_SHAPING = ("hf_model_config", "runtime.param_dtype", "config.stage", "config.grpo.algorithm")
+# How a run reports, not what it trains: changes are not worth a warning.
+_REPORTING = ("train.steps", "train.progress", "train.log_every", "train.eval_every", "train.ckpt_every")
+
+
+def _pick(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_resume(checkpointer: Checkpointer, expected: dict) -> None:
+    """Compares the config saved with the latest checkpoint against this run's (`expected`, the dict a
+    checkpoint stores: config, hf_model_config, runtime) before anything is restored. A difference in what
+    shapes the state is an error naming each key (instead of Orbax's page of shape mismatches); other
+    differences are logged."""
+    saved = checkpointer.read_config()
+    shaping = []
+    for key in _STATE_SHAPING:
+        shaping += config_diff(_pick(saved, key), _pick(expected, key), f"{key.replace('hf_model_config', 'model')}.")
+    if shaping:
+        raise ResumeMismatchError(
+            f"{os.path.dirname(checkpointer.directory)} holds checkpoints of a run with other settings, which this "
+            f"run's state cannot be restored from: {'; '.join(shaping)}. Rerun with the original settings to "
+            "resume, or use another --workdir (or delete its checkpoints/) to start over"
+        )
+    saved_cfg, cfg = dict(saved.get("config") or {}), dict(expected.get("config") or {})
+    for section in ("train", "metrics"):
+        saved_cfg[section], cfg[section] = dict(saved_cfg.get(section) or {}), dict(cfg.get(section) or {})
+    for key in _REPORTING:
+        section, name = key.split(".")
+        saved_cfg[section].pop(name, None)
+        cfg[section].pop(name, None)
+    saved_cfg.pop("metrics"), cfg.pop("metrics")
+    changed = config_diff(saved_cfg, cfg)
+    if changed:
+        log.warning("resuming with settings that differ from the saved run: %s", "; ".join(changed))
 
 
 def initialize(
@@ -194,25 +368,29 @@ def initialize(
     {'resumed', 'init_from_hf', 'init_from_workdir', 'scratch'}. Without a checkpointer (a benchmark,
     a test) there is nothing to resume."""
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        state, data_state, _ = checkpointer.restore(abstract_state)
-        log.info("resumed from %s step %d", checkpointer.directory, checkpointer.latest_step())
+        step = checkpointer.latest_step()
+        try:
+            state, data_state, _ = checkpointer.restore(abstract_state)
+        except (ValueError, KeyError, TypeError) as e:
+            # Shapes and structure are checked first (check_resume); this is what that cannot see.
+            first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+            raise ResumeMismatchError(
+                f"cannot resume from {checkpointer.directory}/{step}: its state does not match this run's "
+                f"({first}). Rerun with the settings it was written with, or use another --workdir"
+            ) from None
+        log.info("resumed from %s step %d", checkpointer.directory, step)
         return state, data_state, "resumed"
     if init_from:
-        if is_hf_dir(init_from):
+        if init_from_kind(init_from) == "hf":
             from align_jax.models.hf import load_pretrained
 
             _, params = load_pretrained(
                 init_from, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype, sharder=sharder
             )
             how = "init_from_hf"
-        elif os.path.isdir(checkpoint_dir(init_from)):
+        else:
             params = restore_params(init_from, abstract_params)
             how = "init_from_workdir"
-        else:
-            raise FileNotFoundError(
-                f"init_from={init_from}: neither a Hugging Face directory (no config.json) "
-                f"nor a workdir with {CHECKPOINT_DIR}/"
-            )
         log.info("params from %s (%s)", init_from, how)
         return state_from_params(params), {}, how
     return fresh_state(), {}, "scratch"

@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from align_jax.errors import UserError
 from align_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
 from align_jax.sharding import MESH_AXES, normalize_rules
 
@@ -23,7 +24,7 @@ PREFERENCE_FORMATS = ("auto", "hh_rlhf", "preference", "kto")
 DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo")
 
 
-class ConfigValueError(ValueError):
+class ConfigValueError(UserError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 
@@ -99,7 +100,7 @@ def base_config(stage: str) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 0
     c.train.ckpt_every = 0
-    c.train.keep = 3
+    c.train.keep = 3  # latest checkpoints kept (the final one always is); 0: keep every checkpoint
     c.train.best_metric = ""  # e.g. "eval_loss": also keep the best checkpoint by it
     c.train.async_checkpoint = True
     c.train.progress = True
@@ -262,6 +263,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _one_of(c.model.remat_policy, REMAT_POLICIES, "model.remat_policy")
     _one_of(c.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
     _one_of(c.optim.schedule, ("cosine", "linear", "constant"), "optim.schedule")
+    for key in ("optim.warmup_steps", "train.keep", "train.eval_every", "train.ckpt_every"):
+        section, name = key.split(".")
+        if c[section][name] < 0:
+            raise ConfigValueError(f"config.{key}={c[section][name]} must be >= 0")
     if c.train.loss_chunk < 0:
         raise ConfigValueError(f"config.train.loss_chunk={c.train.loss_chunk} must be >= 0 (0: no chunking)")
     if c.data.batch_size % c.train.microbatches:

@@ -97,14 +97,14 @@ class MetricsWriter:
 
     def truncate_after(self, step: int) -> None:
         """Drops rows past `step`: after a resume those steps run again, and the file should hold one
-        history, not the killed run's tail followed by its replay."""
+        history, not the killed run's tail followed by its replay. A line a kill cut short (or any other
+        line that is not a JSON object) is dropped with a warning: metrics never block a resume."""
         if not self.enabled or not os.path.isfile(self.path):
             return
-        with open(self.path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        rows = [row for row in read_metrics_file(self.path, warn=True) if row.get("step", 0) <= step]
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(rows)
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         os.replace(tmp, self.path)
 
     def write(self, step: int, scalars: dict[str, Any]) -> None:
@@ -142,9 +142,34 @@ def _tensorboard_writer(logdir: str):
     return SummaryWriter(logdir)
 
 
+def read_metrics_file(path: str, *, warn: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl, skipping lines that are not whole JSON objects: the last line of a
+    run killed mid-write is torn, and a reader (a resume, the report) must not fail on it."""
+    rows, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                bad.append(line_no)
+    if bad and warn:
+        log.warning(
+            "%s: dropping %d line(s) that are not whole JSON rows (line %s; a run killed mid-write)",
+            path,
+            len(bad),
+            ", ".join(map(str, bad[:5])),
+        )
+    return rows
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics_file(os.path.join(workdir, "metrics.jsonl"))
 
 
 class Progress:

@@ -1,7 +1,10 @@
 """Writes a stage workdir's final weights as a Hugging Face directory (safetensors + config.json +
 tokenizer files), loadable by transformers.
 
-    python launch/export.py --workdir W --out DIR [--dtype bfloat16] [--step N]
+    python launch/export.py --workdir W --out DIR [--dtype bfloat16] [--step N] [--overwrite]
+
+DIR must be new or empty, and apart from the workdir (not it, inside it, or holding it); --overwrite
+replaces a previous export there and nothing else.
 """
 
 from __future__ import annotations
@@ -13,7 +16,27 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def export(workdir: str, out: str, dtype: str | None = None, step: int | None = None) -> str:
+def check_apart(out: str, workdir: str) -> None:
+    """Raises ValueError if `out` is `workdir`, inside it, or holds it (realpaths, so symlinks count):
+    writing the export there would replace or bury the checkpoints it is read from."""
+    o, w = os.path.realpath(out), os.path.realpath(workdir)
+    common = os.path.commonpath([o, w])
+    how = "is" if o == w else "is inside" if common == w else "contains" if common == o else None
+    if how:
+        raise ValueError(
+            f"export target {out} {how} the workdir {workdir}; write the export outside it, e.g. {w.rstrip(os.sep)}-hf"
+        )
+
+
+def export(
+    workdir: str, out: str, dtype: str | None = None, step: int | None = None, *, overwrite: bool = False
+) -> str:
+    from align_jax.models.hf import check_export_target
+
+    # Both checks come before reading the checkpoint: a refused target costs nothing.
+    check_apart(out, workdir)
+    check_export_target(out, overwrite)
+
     from flax import linen as nn
     from transformers import AutoTokenizer
 
@@ -33,17 +56,25 @@ def export(workdir: str, out: str, dtype: str | None = None, step: int | None = 
     params = checkpoint.restore_decoder_params(workdir, abstract, step)
     tok_dir = os.path.join(workdir, TOKENIZER_DIR)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir) if os.path.isdir(tok_dir) else None
-    return save_pretrained(cfg, params, out, tokenizer=tokenizer, dtype=dtype)
+    return save_pretrained(cfg, params, out, tokenizer=tokenizer, dtype=dtype, overwrite=overwrite)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="a new or empty directory, apart from --workdir")
     p.add_argument("--dtype", default=None, help="dtype of the written tensors (default: the params' dtype)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it holds a previous export (and nothing else)"
+    )
     a = p.parse_args()
-    print(export(a.workdir, a.out, a.dtype, a.step))
+    try:
+        out = export(a.workdir, a.out, a.dtype, a.step, overwrite=a.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(out)
     return 0
 
 

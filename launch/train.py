@@ -4,6 +4,10 @@
 
 With several processes (TPU pod slices, multi-host GPU), `jax.distributed.initialize()` is called
 first; it reads the coordinator from the environment (TPU metadata, SLURM, or JAX_COORDINATOR_ADDRESS).
+
+Exit codes: 0 done; 75 preempted (SIGTERM: a checkpoint was saved and `summary.json` says
+`"preempted": true`; rerun the same command to resume, e.g. requeue on 75); 2 a problem in the inputs
+or settings, printed as one `error: ...` line (`--verbose` shows the traceback); anything else a bug.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from align_jax.host import tune_host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and outputs go")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "tracebacks for input and settings errors too")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,11 +49,24 @@ def main(argv):
     if _multiprocess():
         jax.distributed.initialize()
     from align_jax import stages
+    from align_jax.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, quiet_background_save_errors
 
+    if not _VERBOSE.value:
+        quiet_background_save_errors()
     config = _CONFIG.value
-    summary = stages.get(config.stage).run(config, _WORKDIR.value)
+    try:
+        summary = stages.get(config.stage).run(config, _WORKDIR.value)
+    except UserError as e:
+        if _VERBOSE.value:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
     if jax.process_index() == 0:
         print(json.dumps({"stage": config.stage, **summary}, default=str))
+    if summary.get("preempted"):
+        logging.warning("preempted: checkpoint saved; exiting with %d (rerun to resume)", PREEMPTED_EXIT_CODE)
+        return PREEMPTED_EXIT_CODE
+    return 0
 
 
 if __name__ == "__main__":

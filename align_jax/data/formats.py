@@ -19,6 +19,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from align_jax.errors import UserError
+
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names -> our roles. Anything else (tool calls, observations) is not SFT chat data we
@@ -42,7 +44,7 @@ class Origin:
         return f"{self.file} {self.unit} {self.row}"
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError, ValueError):
     """A row that cannot become a canonical record. Carries `origin`, `field` and `problem`."""
 
     def __init__(self, origin: Origin | None, field: str | None, problem: str):

@@ -124,11 +124,13 @@ class BadRows:
     def __init__(self, on_bad_row: str):
         self.on_bad_row = on_bad_row
         self.logged = 0
+        # False on a later epoch's pass over the same rows: `bad_rows` counts distinct rows, not visits.
+        self.counting = True
 
     def handle(self, error: BadRowError, stats: dict[str, int] | None) -> None:
         if self.on_bad_row == "error":
             raise error
-        if stats is not None:
+        if stats is not None and self.counting:
             stats["bad_rows"] += 1
             if self.logged < MAX_LOGGED_BAD_ROWS:
                 self.logged += 1
@@ -148,6 +150,7 @@ class WindowPacker(Protocol):
     `empty(n)` is `n` stacked all-padding rows (no targets) that pad a final eval batch."""
 
     source: RowSource
+    bad_rows: BadRows
 
     def pack(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Row]: ...
 
@@ -247,6 +250,8 @@ class ShuffledBatches:
         return np.array_split(order, max(1, round(len(order) / self.cfg.pack_window)))
 
     def _pack_current(self, count: bool) -> list[Row]:
+        # Every epoch visits every row once (over all hosts), so epoch 0 has seen each bad row already.
+        self._examples.bad_rows.counting = self._epoch == 0
         rows = self._examples.pack(self._windows[self._window].tolist(), self._stats if count else None)
         # BFD emits rows longest-first; shuffle so a batch is not all long (or all short) examples.
         seed = [self.cfg.shuffle_seed, self._epoch, self._window, self.process_index]

@@ -69,7 +69,7 @@ def recipe_of(
 
 def _finished(out: str, recipe: dict, overwrite: bool) -> dict | None:
     """The stored summary when OUT already holds this merge; None when OUT is free to (over)write."""
-    from align_jax.stages.runner import read_summary
+    from align_jax.workdir import read_summary
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"merge output {out} exists and is not a directory")
@@ -137,7 +137,7 @@ def merge_checkpoints(
     If `out` already holds a finished merge with the same recipe, returns its summary (with skipped=True)
     without recomputing; a different recipe there is an error unless `overwrite`."""
     from align_jax.stages.build import TOKENIZER_DIR
-    from align_jax.stages.runner import write_summary
+    from align_jax.workdir import write_summary
 
     start = time.perf_counter()
     if isinstance(sources, str | os.PathLike):

@@ -4,17 +4,22 @@ Loading reads `config.json` and the safetensors (one file, or shards listed in
 `model.safetensors.index.json`), and builds every parameter straight into its sharding with
 `jax.make_array_from_callback`: each device's callback reads only the slice it holds from a memory
 map, so no host ever materialises the whole model. Saving writes to a temporary directory and renames
-it into place, so a crash never leaves a half-written export.
+it into place, so a crash never leaves a half-written export; it replaces only a previous export, and
+only when asked, never a directory that holds anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import math
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +38,11 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Tensors some checkpoints carry that the model recomputes or shares; never an error.
 IGNORED_TENSORS = ("model.rotary_emb.inv_freq",)
+# Scratch directories beside an export carry the writer's pid and host, so a later export can tell
+# the leftover of a killed one (a full model's size) from the work of one still running.
+HOST = socket.gethostname()
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointFormatError(ValueError):
@@ -234,12 +244,15 @@ def save_pretrained(
     *,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    overwrite: bool = False,
 ) -> str:
     """Writes an HF directory (config.json, safetensors, generation_config.json, tokenizer files).
 
     Tensors are gathered and converted one at a time; shards above `max_shard_bytes` are split with an
-    index. The directory appears all at once (written beside it, then renamed)."""
+    index. The directory appears all at once (written beside it, then renamed). `out_dir` must be new
+    or empty, or a previous export and `overwrite=True` (see `check_export_target`)."""
     out_dir = os.path.abspath(os.fspath(out_dir))
+    _check_on_process_0(out_dir, overwrite)
     target = np.dtype(dtype or cfg.param_dtype)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
     entries: list[tuple[str, tuple[str, ...], int | None, int | None]] = []  # (hf name, path, layer, n_in)
@@ -266,9 +279,10 @@ def save_pretrained(
         for path in flat:  # every process joins the gathers; only process 0 writes.
             _host(flat[path])
         return out_dir
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    _remove_leftovers(out_dir)
+    tmp = _scratch_path(out_dir, "tmp")
+    os.mkdir(tmp)  # not mkdtemp: its 0700 would become the export's mode; mkdir gives the umask's
     try:
         weight_map, total = {}, 0
         cache: dict[tuple[str, ...], np.ndarray] = {}
@@ -304,6 +318,7 @@ def save_pretrained(
             json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in gen.items()}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        check_export_target(out_dir, overwrite)  # again: the gathers took a while, the target may have changed
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -316,8 +331,118 @@ def _replace_dir(src: str, dst: str) -> None:
     if not os.path.exists(dst):
         os.rename(src, dst)
         return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=os.path.dirname(dst))
-    os.rmdir(old)
+    if os.path.isdir(dst) and not os.listdir(dst):
+        os.rename(src, dst)  # atomic over an empty directory; fails if something was written there meanwhile
+        return
+    old = _scratch_path(dst, "old")
     os.rename(dst, old)
     os.rename(src, dst)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# --- what an export may replace ------------------------------------------------------------------
+
+
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Raises FileExistsError unless `out_dir` is absent, an empty directory, or (with `overwrite`) a
+    previous HF export: config.json and safetensors weights, regular files only. A stage workdir or a
+    folder of runs is never one, so a mistyped target cannot wipe checkpoints or sibling runs."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    what = "Choose a new or empty directory for the export."
+    if os.path.islink(out_dir):
+        raise FileExistsError(f"{out_dir} is a symlink to {os.path.realpath(out_dir)}; {what}")
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir} is a file, not a directory; {what}")
+    with os.scandir(out_dir) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    if not entries:
+        return
+    listing = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:6])
+    listing += f" and {len(entries) - 6} more" if len(entries) > 6 else ""
+    if not _is_export(out_dir, entries):
+        raise FileExistsError(
+            f"{out_dir} holds {listing}: not a Hugging Face export, so it is never replaced "
+            f"(overwrite replaces only a previous export). {what}"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{out_dir} holds a previous Hugging Face export ({listing}). Pass overwrite=True "
+            "(launch/export.py --overwrite) to replace it, or choose a new or empty directory."
+        )
+
+
+def _is_export(path: str, entries: list[os.DirEntry]) -> bool:
+    names = {e.name for e in entries}
+    if not all(e.is_file(follow_symlinks=False) for e in entries) or "config.json" not in names:
+        return False  # HF model directories are flat; anything nested is someone else's
+    if SINGLE_FILE in names:
+        return True
+    try:
+        with open(os.path.join(path, INDEX_FILE)) as f:
+            shards = set(json.load(f)["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and shards <= names
+
+
+def _check_on_process_0(out_dir: str, overwrite: bool) -> None:
+    """Process 0 writes, so it judges the target; every process must stop with it, or the others would
+    wait forever in the gathers that follow."""
+    refused = None
+    if jax.process_index() == 0:
+        try:
+            check_export_target(out_dir, overwrite)
+        except FileExistsError as e:
+            refused = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+            refused = FileExistsError(f"{out_dir}: process 0 refused this export target (its error says why)")
+    if refused is not None:
+        raise refused
+
+
+def _scratch_path(dst: str, kind: str) -> str:
+    name = f".{os.path.basename(dst)}.{kind}-{os.getpid()}-{HOST}-{secrets.token_hex(4)}"
+    return os.path.join(os.path.dirname(dst), name)
+
+
+def _remove_leftovers(dst: str) -> None:
+    """Removes the scratch directories that exports to `dst` killed on this host left behind; one whose
+    process still runs is a concurrent export and is left alone, as is one from another host."""
+    parent, base = os.path.split(dst)
+    scratch = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-(.+)-[0-9a-f]{{8}}")
+    for name in sorted(os.listdir(parent)):
+        m = scratch.fullmatch(name)
+        if not m:
+            continue
+        path, pid, host = os.path.join(parent, name), int(m[2]), m[3]
+        if host != HOST:
+            log.warning("%s (%s) is from an export on host %s (pid %d); remove it if none runs there",
+                        path, _size(path), host, pid)  # fmt: skip
+        elif not _alive(pid):
+            size = _size(path)
+            shutil.rmtree(path, ignore_errors=True)
+            log.warning("removed %s (%s), left by an interrupted export (pid %d is gone)", path, size, pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _size(path: str) -> str:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):  # another host's export may rename it away meanwhile
+                total += os.lstat(os.path.join(root, f)).st_size
+    return f"{total / 1e6:.1f} MB"

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path
+from align_jax.errors import NotFoundError
 from align_jax.models.config import RUNTIME_FIELDS, ModelConfig, to_hf_dict
 from align_jax.models.hf import abstract_params
 from align_jax.models.transformer import boxed_init
@@ -82,21 +83,30 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConf
     )
 
 
-def _train_texts(path: str, limit: int = 20000) -> Iterator[str]:
-    """Message texts of the first `limit` rows of a JSONL file, for training the demo tokenizer: chat
-    rows (`messages`) and preference rows (`prompt`, `chosen`, `rejected`, `completion` as strings or
-    message lists) alike."""
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if i >= limit:
-                return
-            row = json.loads(line)
-            for key in ("messages", "prompt", "chosen", "rejected", "completion"):
-                value = row.get(key)
-                if isinstance(value, str):
-                    yield value
-                elif isinstance(value, list):
-                    yield from (m.get("content", "") for m in value if isinstance(m, dict))
+def _train_texts(config: ml_collections.ConfigDict, limit: int = 20000) -> Iterator[str]:
+    """Message texts of the first `limit` rows of config.data.train, for training the demo tokenizer.
+    Read by the same source readers and row checks as training (any file type or dataset the stage reads;
+    blank lines, a BOM or invalid UTF-8 handled as there), so a bad row fails here with its file, row and
+    field, or is passed over under on_bad_row=skip (and counted once, when training reads it)."""
+    from align_jax.data.formats import BadRowError, to_record
+    from align_jax.data.pipeline import BadRows
+    from align_jax.data.preference_formats import to_preference_record
+    from align_jax.data.sources import open_source
+
+    source = open_source(resolve_data_path(config.data.train), split="train")
+    to_canonical = to_preference_record if config.stage in ("rm", "dpo") else to_record
+    bad_rows = BadRows(config.data.on_bad_row)
+    for raw, origin in source.read(range(min(limit, len(source)))):
+        try:
+            if isinstance(raw, BadRowError):
+                raise raw
+            record = to_canonical(raw, config.data.format, origin)
+        except BadRowError as e:
+            bad_rows.handle(e, None)
+            continue
+        for value in record.values():  # messages, or prompt / chosen / rejected / completion
+            if isinstance(value, list):
+                yield from (m["content"] for m in value)
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
@@ -110,15 +120,19 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     if config.tokenizer == "demo":
         from align_jax.data.bpe import train_tokenizer
 
-        tok = train_tokenizer(_train_texts(resolve_data_path(config.data.train)), vocab_size=config.model.vocab_size)
+        tok = train_tokenizer(_train_texts(config), vocab_size=config.model.vocab_size)
     elif config.tokenizer:
         tok = AutoTokenizer.from_pretrained(config.tokenizer)
     elif config.init_from:
-        src = (
-            config.init_from
-            if checkpoint.is_hf_dir(config.init_from)
-            else os.path.join(config.init_from, TOKENIZER_DIR)
-        )
+        if checkpoint.init_from_kind(config.init_from) == "hf":
+            src = config.init_from
+        else:
+            src = os.path.join(config.init_from, TOKENIZER_DIR)
+            if not os.path.isfile(os.path.join(src, "tokenizer_config.json")):
+                raise NotFoundError(
+                    f"init_from={config.init_from}: the workdir has no {TOKENIZER_DIR}/ to take the tokenizer from; "
+                    "set config.tokenizer to a tokenizer directory"
+                )
         tok = AutoTokenizer.from_pretrained(src)
     else:
         raise ValueError("config.tokenizer is empty and there is no config.init_from to take one from")

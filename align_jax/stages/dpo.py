@@ -163,6 +163,7 @@ class DPORun(PairRun):
         return f
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     r = DPORun(config, workdir)
 

@@ -531,6 +531,7 @@ def ppo_loss(params, batch, rng, *, model, value_model, config) -> tuple[jax.Arr
     return loss_sum, denom, metrics
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     r = GRPORun(config, workdir)
     return runner.drive(r, r.initial_state, summary_extra=lambda: {"rollouts": r.rollouts})

@@ -28,6 +28,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from align_jax import workdir as workdir_files
 from align_jax.checkpoint import checkpoint_dir
 from align_jax.config import resolve_data_path, validate
 from align_jax.stages import runner
@@ -147,6 +148,7 @@ def make_complements(config: ml_collections.ConfigDict, out_dir: str) -> dict:
     return summary
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     if not config.init_from:
@@ -162,5 +164,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     summary = sft.run(c, workdir)
     summary["pas"] = {k: v for k, v in made.items() if k != "recipe"}
-    runner.write_summary(workdir, summary)
+    workdir_files.write_summary(workdir, summary)
     return summary

@@ -27,9 +27,11 @@ import jax
 import ml_collections
 
 from align_jax import stages as stage_modules
+from align_jax import workdir as workdir_files
 from align_jax.checkpoint import latest_step_on_disk
 from align_jax.config import PIPELINE_STAGES, validate
 from align_jax.stages import runner
+from align_jax.workdir import config_diff
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class Resolver:
 
 
 def is_complete(workdir: str, steps: int) -> bool:
-    summary = runner.read_summary(workdir)
+    summary = workdir_files.read_summary(workdir)
     return bool(summary) and not summary.get("preempted") and int(summary.get("final_step", -1)) >= steps
 
 
@@ -80,7 +82,7 @@ def fingerprint(path: str) -> str | None:
     if not path or not os.path.exists(path):
         return None
     h = hashlib.sha256()
-    summary = os.path.join(path, runner.SUMMARY)
+    summary = os.path.join(path, workdir_files.SUMMARY)
     if os.path.isfile(summary):
         with open(summary, "rb") as f:
             h.update(f.read())
@@ -110,7 +112,7 @@ def check_stage_record(name: str, c: ml_collections.ConfigDict, workdir: str, in
         with open(path) as f:
             old = json.load(f)
         if old != json.loads(json.dumps(record)):
-            changed = _diff(old.get("settings", {}), record["settings"])
+            changed = config_diff(old.get("settings", {}), record["settings"])
             inputs_changed = [k for k, v in record["inputs"].items() if old.get("inputs", {}).get(k) != v]
             raise ValueError(
                 f"pipeline: {workdir} was trained with other settings or inputs (settings: {changed or 'same'}; "
@@ -123,15 +125,6 @@ def check_stage_record(name: str, c: ml_collections.ConfigDict, workdir: str, in
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1)
         os.replace(path + ".tmp", path)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str, resolve: Resolver) -> ml_collections.ConfigDict:
@@ -164,7 +157,7 @@ def run_training_stage(name: str, c: ml_collections.ConfigDict, workdir: str) ->
     check_stage_record(name, c, workdir, stage_inputs(name, c))
     if is_complete(workdir, int(c.train.steps)):
         log.info("pipeline: %s is complete in %s; skipped", name, workdir)
-        return {**runner.read_summary(workdir), "skipped": True}
+        return {**workdir_files.read_summary(workdir), "skipped": True}
     log.info("pipeline: running %s in %s", name, workdir)
     return stage_modules.get(c.stage).run(c, workdir)
 
@@ -191,7 +184,7 @@ def run_merge(config: ml_collections.ConfigDict, resolve: Resolver, workdir: str
     # has changed since (trained further, resumed) or the recipe changed, the stored merge is redone.
     inputs = {p: fingerprint(p) for p in [*models, *([base] if base else [])]}
     record = os.path.join(workdir, STAGE_RECORD)
-    done = runner.read_summary(workdir)
+    done = workdir_files.read_summary(workdir)
     stale = False
     if done is not None:
         old = None
@@ -225,6 +218,7 @@ def check_references(config: ml_collections.ConfigDict, order: list[str], resolv
             raise ValueError(f"config.eval.models names {missing}, which are not in config.stages={config.stages!r}")
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     validate(config)
     order = stage_list(config)
@@ -260,5 +254,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         out["report"] = summaries["eval"].get("report")
         out["metrics"] = summaries["eval"].get("metrics")
     if jax.process_index() == 0:
-        runner.write_summary(workdir, {**out, "stage_summaries": summaries})
+        workdir_files.write_summary(workdir, {**out, "stage_summaries": summaries})
     return out

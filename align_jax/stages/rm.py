@@ -83,6 +83,7 @@ class RMRun(PairRun):
         return flops_per_token(cfg, avg_context) - 6 * cfg.hidden_size * (cfg.vocab_size - 1)
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     r = RMRun(config, workdir)
     return runner.drive(r, r.initial_state, summary_extra=r.summary_extra())

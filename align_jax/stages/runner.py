@@ -3,18 +3,18 @@ the loop, and the summary. A stage supplies a `StageRun` (its model, loss, step,
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from align_jax import checkpoint
+from align_jax import workdir as workdir_files
+from align_jax.config import validate
 from align_jax.data import pipeline
 from align_jax.data.prefetch import Prefetcher
 from align_jax.metrics import MetricsWriter
@@ -81,6 +81,22 @@ class StageRun:
         return {f"data/{k}": v for k, v in self.train_iter.stats().items() if isinstance(v, int | float)}
 
 
+def locked(run: Callable[[ml_collections.ConfigDict, str], dict]) -> Callable[[ml_collections.ConfigDict, str], dict]:
+    """A stage's `run(config, workdir)` that validates the config, then holds the workdir's exclusive lock
+    (align_jax/workdir.py) for the whole run: a second run on the same workdir fails at once naming the
+    first, instead of both writing into it. Config and init_from are checked first: a typo leaves no workdir."""
+
+    @functools.wraps(run)
+    def wrapper(config: ml_collections.ConfigDict, workdir: str) -> dict:
+        validate(config)
+        if config.get("init_from"):
+            checkpoint.init_from_kind(config.init_from)  # a typo fails here, before anything is written
+        with workdir_files.lock(workdir):
+            return run(config, workdir)
+
+    return wrapper
+
+
 def drive(
     r: StageRun,
     initial_state: Callable[[checkpoint.Checkpointer], tuple[Any, dict, str]],
@@ -92,7 +108,10 @@ def drive(
     checkpointer = checkpoint.Checkpointer(
         workdir, keep=int(tc.keep), best_metric=tc.best_metric or None, async_save=bool(tc.async_checkpoint)
     )
+    config_json = build.saved_config(config, r.model_cfg)
     try:
+        if checkpointer.latest_step() is not None:
+            checkpoint.check_resume(checkpointer, config_json)
         state, data_state, how = initial_state(checkpointer)
         if data_state:
             r.train_iter.restore(pipeline.host_state(data_state))
@@ -112,7 +131,7 @@ def drive(
         data_state=lambda: pipeline.gather_host_states(r.feed.state()),
         evaluate=r.evaluate if r.eval_batches is not None else None,
         flops_per_token=r.flops_per_token,
-        config_json=build.saved_config(config, r.model_cfg),
+        config_json=config_json,
         learning_rate=r.setup.schedule,
         extra_metrics=r.extra_metrics,
     )
@@ -135,31 +154,5 @@ def drive(
     extra = summary_extra() if callable(summary_extra) else summary_extra
     summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats(), **(extra or {}))
     if jax.process_index() == 0:
-        write_summary(workdir, summary)
+        workdir_files.write_summary(workdir, summary)
     return summary
-
-
-SUMMARY = "summary.json"
-
-
-def write_summary(workdir: str, summary: dict) -> None:
-    """WORKDIR/summary.json, written beside and renamed: the pipeline reads its presence as "this stage
-    finished", so it must never exist half-written."""
-    path = os.path.join(workdir, SUMMARY)
-    with open(path + ".tmp", "w") as f:
-        json.dump(summary, f, indent=2, default=_json_default)
-    os.replace(path + ".tmp", path)
-
-
-def read_summary(workdir: str) -> dict | None:
-    path = os.path.join(workdir, SUMMARY)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def _json_default(x):
-    if isinstance(x, np.generic | jnp.ndarray):
-        return np.asarray(x).tolist()
-    return str(x)

@@ -69,6 +69,7 @@ class SFTRun(runner.StageRun):
         return flops_per_token(self.model_cfg, avg_context)
 
 
+@runner.locked
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     r = SFTRun(config, workdir)
     return runner.drive(r, lambda ckpt: build.initial_state(r.setup, config, ckpt, workdir))

@@ -149,7 +149,8 @@ def run(
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
                 save(step, eval_metrics if do_eval else None)
             if preemption.requested and not is_last:
-                save(step)
+                if last_saved != step:  # a SIGTERM on a checkpoint step: that save is the one to keep
+                    save(step)
                 summary["preempted"] = True
                 break
     if progress:

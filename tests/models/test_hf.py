@@ -146,12 +146,12 @@ def test_export_is_atomic_and_replaces_old(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors_io, "write", crash)
     with pytest.raises(OSError, match="disk full"):
-        aj.save_pretrained(cfg, params, out)
+        aj.save_pretrained(cfg, params, out, overwrite=True)
     # The old export is untouched and no temporary directory is left beside it.
     assert sorted(os.listdir(out)) == before
     assert sorted(os.listdir(tmp_path)) == ["export", "src"]
     monkeypatch.undo()
-    aj.save_pretrained(cfg, params, out)
+    aj.save_pretrained(cfg, params, out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["export", "src"]
 
 

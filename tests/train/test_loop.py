@@ -90,6 +90,18 @@ def test_sigterm_saves_and_returns(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is removed again
 
 
+def test_sigterm_on_a_checkpoint_step_saves_once(tmp_path):
+    # Before: the step's regular save and the preemption save collided (StepAlreadyExistsError).
+    def on_step(n):
+        if n == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 1
+
+    (_, summary), ck = run_loop(tmp_path, hooks(on_step), steps=10, ckpt_every=2)
+    assert summary["preempted"] and summary["final_step"] == 4 and summary["last_checkpoint"] == 4
+    assert ck.all_steps() == [2, 4]
+
+
 def test_nan_on_a_checkpoint_step_is_not_saved(tmp_path):
     h = hooks(on_step=lambda n: 0 if n == 4 else 1)
     ck = Checkpointer(str(tmp_path), async_save=False)

@@ -1,0 +1,136 @@
+"""What a run keeps in its workdir besides checkpoints: the exclusive lock, summary.json, and the
+comparison of a stored config with a requested one.
+
+The lock: a run holds `WORKDIR/.lock` (an exclusive `flock`) from start to exit, so a second run on the
+same workdir fails at once with a message naming the holder, instead of both writing checkpoints and
+metrics into one directory. The kernel releases a `flock` when its process dies, however it dies
+(SIGKILL, OOM, a crash), so a lock can never outlive its run; the holder's description, written into
+the file, is cleared on a clean exit, and one found when the lock is free says the previous run
+crashed. The file itself is never deleted: deleting it would let a waiting run lock the old inode
+while a third locks a new one. On several processes only process 0 takes the lock (they share the
+workdir; the others' checkpoint writes are coordinated by Orbax).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from align_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+SUMMARY = "summary.json"
+
+
+_held: set[str] = set()  # workdirs this process holds
+
+
+class WorkdirLocked(UserError, RuntimeError):
+    """Another live run holds the workdir."""
+
+
+def _holder_text() -> str:
+    return json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500],
+        }
+    )
+
+
+def _describe(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "a process that left no description"
+
+
+@contextlib.contextmanager
+def lock(workdir: str, *, enabled: bool | None = None) -> Iterator[None]:
+    """Holds the workdir's exclusive lock for the `with` block (creating the workdir). Raises
+    WorkdirLocked, naming the holder, when another run holds it. `enabled=None`: only process 0 locks."""
+    if enabled is None:
+        import jax
+
+        enabled = jax.process_index() == 0
+    key = os.path.realpath(workdir)
+    if not enabled or key in _held:  # re-entrant: the pas stage runs the sft stage in its own workdir
+        yield
+        return
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+            raise WorkdirLocked(
+                f"{os.path.abspath(workdir)} is in use by another run ({holder}); wait for it to finish, stop it, "
+                "or use another --workdir"
+            ) from None
+        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if previous:
+            log.warning(
+                "%s: the previous run (%s) did not exit cleanly; its lock is free, taking over",
+                workdir,
+                _describe(previous),
+            )
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder_text().encode(), 0)
+        _held.add(key)
+        try:
+            yield
+        finally:
+            _held.discard(key)
+            os.ftruncate(fd, 0)  # a clean exit: the next run sees no stale holder
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def write_summary(workdir: str, summary: dict) -> None:
+    """WORKDIR/summary.json, written beside and renamed: the pipeline reads its presence as "this stage
+    finished", so it must never exist half-written."""
+    path = os.path.join(workdir, SUMMARY)
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2, default=_json_default)
+    os.replace(path + ".tmp", path)
+
+
+def read_summary(workdir: str) -> dict | None:
+    path = os.path.join(workdir, SUMMARY)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _json_default(x):
+    if isinstance(x, np.generic | np.ndarray) or hasattr(x, "__array__"):
+        return np.asarray(x).tolist()
+    return str(x)
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The leaves where two nested dicts differ, as "a.b: old -> new" lines."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
