@@ -221,7 +221,9 @@ def _reader(workdir: str, what: str) -> ocp.CheckpointManager:
         raise NotFoundError(
             f"{what}={workdir}: expected an align_jax stage workdir (with {CHECKPOINT_DIR}/<step>/), found {found}"
         )
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    )
 
 
 def read_config(workdir: str, step: int | None = None, *, what: str = "workdir") -> dict:

@@ -16,25 +16,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def check_apart(out: str, workdir: str) -> None:
-    """Raises ValueError if `out` is `workdir`, inside it, or holds it (realpaths, so symlinks count):
-    writing the export there would replace or bury the checkpoints it is read from."""
-    o, w = os.path.realpath(out), os.path.realpath(workdir)
-    common = os.path.commonpath([o, w])
-    how = "is" if o == w else "is inside" if common == w else "contains" if common == o else None
-    if how:
-        raise ValueError(
-            f"export target {out} {how} the workdir {workdir}; write the export outside it, e.g. {w.rstrip(os.sep)}-hf"
-        )
-
-
 def export(
     workdir: str, out: str, dtype: str | None = None, step: int | None = None, *, overwrite: bool = False
 ) -> str:
     from align_jax.models.hf import check_export_target
+    from align_jax.outdir import check_apart
 
     # Both checks come before reading the checkpoint: a refused target costs nothing.
-    check_apart(out, workdir)
+    check_apart(out, [("workdir", workdir)], kind="export", suffix="-hf")
     check_export_target(out, overwrite)
 
     from flax import linen as nn

@@ -41,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, kind in OPTIONS.items():
         p.add_argument(f"--{name}", type=kind, default=None)
     p.add_argument("--no_normalize", action="store_true", help="linear: use the weights as given, not summing to 1")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, different merge in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier merge in --out (and an earlier export in --hf_out); nothing else",
+    )
     p.add_argument("--hf_out", default=None, help="also export the merged model as a Hugging Face directory")
     p.add_argument("--hf_dtype", default=None, help="dtype of the exported tensors (default: the params' dtype)")
     a = p.parse_args(argv)
@@ -61,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.hf_out:
         from export import export
 
-        summary["hf_out"] = export(a.out, a.hf_out, dtype=a.hf_dtype)
+        try:
+            summary["hf_out"] = export(a.out, a.hf_out, dtype=a.hf_dtype, overwrite=a.overwrite)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            p.error(str(e))
     print(json.dumps(summary, indent=2))
     return 0
 

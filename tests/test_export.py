@@ -20,7 +20,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 import align_jax as aj
-from align_jax import checkpoint
+from align_jax import checkpoint, outdir
 from align_jax.models import hf, safetensors_io
 from align_jax.models.hf import abstract_params
 from align_jax.stages import build
@@ -128,7 +128,7 @@ def test_a_previous_export_is_replaced_only_with_overwrite(workdir, tmp_path):
     before = snapshot(out)
     with pytest.raises(
         FileExistsError,
-        match=r"hf holds a previous Hugging Face export \(.*config.json.*\)\. Pass overwrite=True \(launch/export.py --overwrite\)",
+        match=r"hf holds a previous Hugging Face export \(.*config.json.*\)\. Pass overwrite=True \(--overwrite\)",
     ):
         export(str(workdir), out, dtype="bfloat16")
     assert snapshot(out) == before
@@ -174,11 +174,11 @@ def test_leftovers_of_killed_exports_are_removed_live_ones_kept(workdir, tmp_pat
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     names = {
-        "dead_tmp": f".hf.tmp-{dead.pid}-{hf.HOST}-0123abcd",
-        "dead_old": f".hf.old-{dead.pid}-{hf.HOST}-89abcdef",
-        "live": f".hf.tmp-{os.getpid()}-{hf.HOST}-deadbeef",  # a concurrent export, still running
+        "dead_tmp": f".hf.tmp-{dead.pid}-{outdir.HOST}-0123abcd",
+        "dead_old": f".hf.old-{dead.pid}-{outdir.HOST}-89abcdef",
+        "live": f".hf.tmp-{os.getpid()}-{outdir.HOST}-deadbeef",  # a concurrent export, still running
         "other_host": f".hf.tmp-{dead.pid}-elsewhere-00000000",  # its pid means nothing here
-        "other_name": f".hf2.tmp-{dead.pid}-{hf.HOST}-00000000",  # another export's
+        "other_name": f".hf2.tmp-{dead.pid}-{outdir.HOST}-00000000",  # another export's
     }
     for name in names.values():
         os.mkdir(tmp_path / name)
@@ -192,16 +192,16 @@ def test_leftovers_of_killed_exports_are_removed_live_ones_kept(workdir, tmp_pat
         return write(path, tensors, *a, **k)
 
     monkeypatch.setattr(safetensors_io, "write", spy)
-    with caplog.at_level(logging.WARNING, logger="align_jax.models.hf"):
+    with caplog.at_level(logging.WARNING, logger="align_jax.outdir"):
         export(str(workdir), str(tmp_path / "hf"))
-    assert seen and seen[0].startswith(f".hf.tmp-{os.getpid()}-{hf.HOST}-")
+    assert seen and seen[0].startswith(f".hf.tmp-{os.getpid()}-{outdir.HOST}-")
     left = set(os.listdir(tmp_path))
     assert not {names["dead_tmp"], names["dead_old"]} & left
     assert {names["live"], names["other_host"], names["other_name"], "hf"} <= left
     log = caplog.text
-    assert f"removed {tmp_path / names['dead_tmp']} (3.0 MB), left by an interrupted export (pid {dead.pid}" in log
+    assert f"removed {tmp_path / names['dead_tmp']} (3.0 MB), left by an interrupted writer (pid {dead.pid}" in log
     assert f"removed {tmp_path / names['dead_old']} (3.0 MB)" in log
-    assert f"{names['other_host']} (3.0 MB) is from an export on host elsewhere" in log
+    assert f"{names['other_host']} (3.0 MB) is from a writer on host elsewhere" in log
     assert names["live"] not in log
 
 
@@ -253,6 +253,6 @@ def test_cli_prints_the_directory_and_overwrites_on_request(workdir, tmp_path, m
     argv = ["export.py", "--workdir", str(workdir), "--out", out]
     monkeypatch.setattr(sys, "argv", argv)
     assert main() == 0 and capsys.readouterr().out == out + "\n"
-    assert main() == 2 and "(launch/export.py --overwrite) to replace it" in capsys.readouterr().err
+    assert main() == 2 and "Pass overwrite=True (--overwrite) to replace it" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", [*argv, "--overwrite"])
     assert main() == 0 and capsys.readouterr().out == out + "\n"

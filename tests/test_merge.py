@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import ml_collections
@@ -326,6 +327,31 @@ def test_merge_checkpoints_linear_loads_exports_and_skips_when_done(sources, tmp
     assert "skipped" not in redo
     assert_trees_equal(restored(out), merge_trees("linear", [sources["pa"], sources["pb"]]))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # no temporary directories left
+
+
+def test_merge_overwrite_replaces_only_a_merge_and_never_its_inputs(sources, tmp_path):
+    # Before: with overwrite=True any non-empty --out was swapped out and deleted (a folder of runs, a
+    # training workdir), and the result was created 0700.
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"notes\.txt: not a merged workdir"):
+        merge_checkpoints("linear", [sources["wa"], sources["hb"]], str(runs), overwrite=True)
+    assert os.listdir(runs) == ["notes.txt"]
+    with pytest.raises(ValueError, match=r"merge target .* contains the source"):
+        merge_checkpoints("linear", [sources["wa"], sources["hb"]], os.path.dirname(sources["wa"]), overwrite=True)
+    with pytest.raises(ValueError, match=r"merge target .* is inside the source"):
+        merge_checkpoints("linear", [sources["wa"], sources["hb"]], os.path.join(sources["wa"], "m"))
+    trained = shutil.copytree(sources["wa"], tmp_path / "trained")  # a training workdir
+    with pytest.raises(FileExistsError, match="not a merged workdir"):
+        merge_checkpoints("linear", [sources["hb"]], str(trained), overwrite=True)
+    old = os.umask(0o022)
+    try:
+        out = merge_checkpoints("linear", [sources["wa"], sources["hb"]], str(tmp_path / "m"))["out"]
+        assert os.stat(out).st_mode & 0o777 == 0o755
+        assert merge_checkpoints("linear", [sources["wa"]], out, overwrite=True)["sources"] == [sources["wa"]]
+    finally:
+        os.umask(old)
 
 
 def test_model_stock_over_a_workdir_an_hf_dir_and_a_ppo_policy(sources, tmp_path, capsys):

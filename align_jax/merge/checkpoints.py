@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 from flax import linen as nn
 from flax import traverse_util
 
-from align_jax import checkpoint
+from align_jax import checkpoint, outdir
 from align_jax.merge.methods import (
     check_models,
     is_stacked,
@@ -73,7 +72,10 @@ def _finished(out: str, recipe: dict, overwrite: bool) -> dict | None:
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"merge output {out} exists and is not a directory")
-    if not os.path.isdir(out) or not os.listdir(out) or overwrite:
+    if not os.path.isdir(out) or not os.listdir(out):
+        return None
+    if overwrite:  # replaces an earlier merge, never a training workdir or a folder of runs
+        outdir.check_replaceable(out, kind="merged workdir", is_ours=is_merge, overwrite=True)
         return None
     summary = read_summary(out)
     if summary is not None and summary.get("recipe") == recipe and os.path.isdir(checkpoint.checkpoint_dir(out)):
@@ -88,6 +90,20 @@ def _finished(out: str, recipe: dict, overwrite: bool) -> dict | None:
     raise FileExistsError(
         f"{out} exists, is not empty and holds no finished merge; pass overwrite=True (--overwrite) to replace it"
     )
+
+
+def is_merge(path: str) -> bool:
+    """Whether `path` is a workdir this module wrote: its summary says stage "merge", and it holds only
+    what a merge writes (a training workdir also has metrics.jsonl, a folder of runs has other entries)."""
+    from align_jax.workdir import read_summary
+
+    try:
+        summary = read_summary(path)
+    except (OSError, ValueError):
+        return False
+    # checkpoints/, tokenizer/, summary.json, and the record the pipeline keeps beside a merge.
+    expected = {checkpoint.CHECKPOINT_DIR, "tokenizer", "summary.json", "pipeline_stage.json"}
+    return bool(summary) and summary.get("stage") == STAGE and set(os.listdir(path)) <= expected
 
 
 def _collect_stats(per_leaf: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -146,8 +162,8 @@ def merge_checkpoints(
         raise ValueError("merge_checkpoints runs on one host; launch it as a single process")
     recipe = recipe_of(method, sources, base, weights, kwargs)
     out = os.path.abspath(os.fspath(out))
-    if out in recipe["sources"] or out == recipe["base"]:
-        raise ValueError(f"merge output {out} is also one of its inputs")
+    inputs = [("source", p) for p in recipe["sources"]] + ([("base", recipe["base"])] if recipe["base"] else [])
+    outdir.check_apart(out, inputs, kind="merge", suffix="-merged")
     done = _finished(out, recipe, overwrite)
     if done is not None:
         log.info("%s already holds this merge; skipping", out)
@@ -213,9 +229,7 @@ def merge_checkpoints(
         if per_leaf_stats:
             summary["stats"] = _collect_stats(per_leaf_stats)
 
-        parent = os.path.dirname(out)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+        tmp = outdir.make_scratch(out)
         try:
             ckpt = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
             try:
@@ -228,7 +242,7 @@ def merge_checkpoints(
             )
             summary["seconds"] = round(time.perf_counter() - start, 3)
             write_summary(tmp, summary)
-            hf._replace_dir(tmp, out)
+            outdir.replace_dir(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -10,16 +10,11 @@ only when asked, never a directory that holds anything else.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
-import logging
 import math
 import os
-import re
-import secrets
 import shutil
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +24,7 @@ from flax import linen as nn
 from flax import traverse_util
 from jax.sharding import SingleDeviceSharding
 
+from align_jax import outdir
 from align_jax.models import safetensors_io
 from align_jax.models.config import ModelConfig, read_hf_config, to_hf_dict
 from align_jax.models.transformer import boxed_init
@@ -38,11 +34,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Tensors some checkpoints carry that the model recomputes or shares; never an error.
 IGNORED_TENSORS = ("model.rotary_emb.inv_freq",)
-# Scratch directories beside an export carry the writer's pid and host, so a later export can tell
-# the leftover of a killed one (a full model's size) from the work of one still running.
-HOST = socket.gethostname()
-
-log = logging.getLogger(__name__)
 
 
 class CheckpointFormatError(ValueError):
@@ -279,10 +270,7 @@ def save_pretrained(
         for path in flat:  # every process joins the gathers; only process 0 writes.
             _host(flat[path])
         return out_dir
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    _remove_leftovers(out_dir)
-    tmp = _scratch_path(out_dir, "tmp")
-    os.mkdir(tmp)  # not mkdtemp: its 0700 would become the export's mode; mkdir gives the umask's
+    tmp = outdir.make_scratch(out_dir)
     try:
         weight_map, total = {}, 0
         cache: dict[tuple[str, ...], np.ndarray] = {}
@@ -319,64 +307,27 @@ def save_pretrained(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         check_export_target(out_dir, overwrite)  # again: the gathers took a while, the target may have changed
-        _replace_dir(tmp, out_dir)
+        outdir.replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
 
 
-def _replace_dir(src: str, dst: str) -> None:
-    """Moves `src` to `dst`; an existing `dst` is swapped out first and removed only afterwards."""
-    if not os.path.exists(dst):
-        os.rename(src, dst)
-        return
-    if os.path.isdir(dst) and not os.listdir(dst):
-        os.rename(src, dst)  # atomic over an empty directory; fails if something was written there meanwhile
-        return
-    old = _scratch_path(dst, "old")
-    os.rename(dst, old)
-    os.rename(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-# --- what an export may replace ------------------------------------------------------------------
-
-
 def check_export_target(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Raises FileExistsError unless `out_dir` is absent, an empty directory, or (with `overwrite`) a
     previous HF export: config.json and safetensors weights, regular files only. A stage workdir or a
     folder of runs is never one, so a mistyped target cannot wipe checkpoints or sibling runs."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
-    what = "Choose a new or empty directory for the export."
-    if os.path.islink(out_dir):
-        raise FileExistsError(f"{out_dir} is a symlink to {os.path.realpath(out_dir)}; {what}")
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir} is a file, not a directory; {what}")
-    with os.scandir(out_dir) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    if not entries:
-        return
-    listing = ", ".join(e.name + ("/" if e.is_dir() else "") for e in entries[:6])
-    listing += f" and {len(entries) - 6} more" if len(entries) > 6 else ""
-    if not _is_export(out_dir, entries):
-        raise FileExistsError(
-            f"{out_dir} holds {listing}: not a Hugging Face export, so it is never replaced "
-            f"(overwrite replaces only a previous export). {what}"
-        )
-    if not overwrite:
-        raise FileExistsError(
-            f"{out_dir} holds a previous Hugging Face export ({listing}). Pass overwrite=True "
-            "(launch/export.py --overwrite) to replace it, or choose a new or empty directory."
-        )
+    outdir.check_replaceable(out_dir, kind="Hugging Face export", is_ours=is_export, overwrite=overwrite)
 
 
-def _is_export(path: str, entries: list[os.DirEntry]) -> bool:
+def is_export(path: str) -> bool:
+    """Whether `path` holds an HF model directory and nothing else (HF model directories are flat)."""
+    with os.scandir(path) as it:
+        entries = list(it)
     names = {e.name for e in entries}
     if not all(e.is_file(follow_symlinks=False) for e in entries) or "config.json" not in names:
-        return False  # HF model directories are flat; anything nested is someone else's
+        return False
     if SINGLE_FILE in names:
         return True
     try:
@@ -403,46 +354,3 @@ def _check_on_process_0(out_dir: str, overwrite: bool) -> None:
             refused = FileExistsError(f"{out_dir}: process 0 refused this export target (its error says why)")
     if refused is not None:
         raise refused
-
-
-def _scratch_path(dst: str, kind: str) -> str:
-    name = f".{os.path.basename(dst)}.{kind}-{os.getpid()}-{HOST}-{secrets.token_hex(4)}"
-    return os.path.join(os.path.dirname(dst), name)
-
-
-def _remove_leftovers(dst: str) -> None:
-    """Removes the scratch directories that exports to `dst` killed on this host left behind; one whose
-    process still runs is a concurrent export and is left alone, as is one from another host."""
-    parent, base = os.path.split(dst)
-    scratch = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-(\d+)-(.+)-[0-9a-f]{{8}}")
-    for name in sorted(os.listdir(parent)):
-        m = scratch.fullmatch(name)
-        if not m:
-            continue
-        path, pid, host = os.path.join(parent, name), int(m[2]), m[3]
-        if host != HOST:
-            log.warning("%s (%s) is from an export on host %s (pid %d); remove it if none runs there",
-                        path, _size(path), host, pid)  # fmt: skip
-        elif not _alive(pid):
-            size = _size(path)
-            shutil.rmtree(path, ignore_errors=True)
-            log.warning("removed %s (%s), left by an interrupted export (pid %d is gone)", path, size, pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def _size(path: str) -> str:
-    total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            with contextlib.suppress(OSError):  # another host's export may rename it away meanwhile
-                total += os.lstat(os.path.join(root, f)).st_size
-    return f"{total / 1e6:.1f} MB"
