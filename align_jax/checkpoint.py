@@ -207,7 +207,7 @@ def latest_step_on_disk(workdir: str) -> int | None:
     return max(steps) if steps else None
 
 
-def _reader(workdir: str, what: str) -> ocp.CheckpointManager:
+def open_reader(workdir: str, what: str) -> ocp.CheckpointManager:
     """A read-only manager over a workdir's checkpoints: reading never creates directories (a typo in
     init_from or --workdir used to leave `<typo>/checkpoints` behind) and fails naming what was expected."""
     directory = checkpoint_dir(workdir)
@@ -228,7 +228,7 @@ def _reader(workdir: str, what: str) -> ocp.CheckpointManager:
 
 def read_config(workdir: str, step: int | None = None, *, what: str = "workdir") -> dict:
     """The config saved with a workdir's checkpoint (latest by default)."""
-    with _reader(workdir, what) as mngr:
+    with open_reader(workdir, what) as mngr:
         step = mngr.latest_step() if step is None else step
         out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(out.config)
@@ -238,7 +238,7 @@ def restore_params(workdir: str, abstract_params: Any, step: int | None = None, 
     """Params only, from a stage workdir's checkpoint, into the shardings of `abstract_params`.
 
     The optimizer state and everything else in the checkpoint are not read."""
-    with _reader(workdir, "init_from") as mngr:
+    with open_reader(workdir, "init_from") as mngr:
         step = mngr.latest_step() if step is None else step
         target = {key: abstract_params}
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)

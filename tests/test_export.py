@@ -256,3 +256,13 @@ def test_cli_prints_the_directory_and_overwrites_on_request(workdir, tmp_path, m
     assert main() == 2 and "Pass overwrite=True (--overwrite) to replace it" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", [*argv, "--overwrite"])
     assert main() == 0 and capsys.readouterr().out == out + "\n"
+
+
+def test_a_mistyped_workdir_is_an_error_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    # Before: a hub error ("Repo id must be in the form ...") and <typo>/checkpoints created as a side effect.
+    typo = tmp_path / "runs" / "mergd"
+    monkeypatch.setattr(sys, "argv", ["export.py", "--workdir", str(typo), "--out", str(tmp_path / "hf")])
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: workdir={typo}: expected an align_jax stage workdir") and "no such directory" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "hf").exists()

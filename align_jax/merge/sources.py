@@ -59,7 +59,7 @@ class WorkdirSource(Source):
         runtime = {k: v for k, v in saved.get("runtime", {}).items() if k in RUNTIME_FIELDS}
         self.cfg = from_hf_dict(saved["hf_model_config"], where=f"{path} (saved config)", **runtime)
         self.prefix = ("params", key) if key else ("params",)
-        self.manager = ocp.CheckpointManager(checkpoint.checkpoint_dir(path))
+        self.manager = checkpoint.open_reader(path, "merge source")
         self.step = self.manager.latest_step()
 
     def read(self, leaf: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
