@@ -63,44 +63,62 @@ def _describe(text: str) -> str:
 @contextlib.contextmanager
 def lock(workdir: str, *, enabled: bool | None = None) -> Iterator[None]:
     """Holds the workdir's exclusive lock for the `with` block (creating the workdir). Raises
-    WorkdirLocked, naming the holder, when another run holds it. `enabled=None`: only process 0 locks."""
-    if enabled is None:
-        import jax
+    WorkdirLocked, naming the holder, when another run holds it. `enabled=None`: process 0 locks, and on
+    several processes every one of them raises with it (the others would otherwise wait in collectives)."""
+    import jax
 
+    multi = enabled is None and jax.process_count() > 1
+    if enabled is None:
         enabled = jax.process_index() == 0
     key = os.path.realpath(workdir)
-    if not enabled or key in _held:  # re-entrant: the pas stage runs the sft stage in its own workdir
+    if key in _held:  # re-entrant: the pas stage runs the sft stage in its own workdir
         yield
         return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd, refused = None, None
+    if enabled:
+        fd, refused = _acquire(workdir)
+    if multi:
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)) and refused is None:
+            refused = WorkdirLocked(f"{os.path.abspath(workdir)} is in use by another run (process 0 says who)")
+    if refused is not None:
+        if fd is not None:
+            os.close(fd)
+        raise refused
+    _held.add(key)  # on every process, so that nested calls broadcast (or not) alike
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
-            raise WorkdirLocked(
-                f"{os.path.abspath(workdir)} is in use by another run ({holder}); wait for it to finish, stop it, "
-                "or use another --workdir"
-            ) from None
-        previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-        if previous:
-            log.warning(
-                "%s: the previous run (%s) did not exit cleanly; its lock is free, taking over",
-                workdir,
-                _describe(previous),
-            )
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_text().encode(), 0)
-        _held.add(key)
-        try:
-            yield
-        finally:
-            _held.discard(key)
-            os.ftruncate(fd, 0)  # a clean exit: the next run sees no stale holder
+        yield
     finally:
-        os.close(fd)  # releases the flock
+        _held.discard(key)
+        if fd is not None:
+            os.ftruncate(fd, 0)  # a clean exit: the next run sees no stale holder
+            os.close(fd)  # releases the flock
+
+
+def _acquire(workdir: str) -> tuple[int | None, WorkdirLocked | None]:
+    """(fd holding the flock, None), or (None, the refusal naming the holder)."""
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _describe(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
+        os.close(fd)
+        return None, WorkdirLocked(
+            f"{os.path.abspath(workdir)} is in use by another run ({holder}); wait for it to finish, stop it, "
+            "or use another --workdir"
+        )
+    previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    if previous:
+        log.warning(
+            "%s: the previous run (%s) did not exit cleanly; its lock is free, taking over",
+            workdir,
+            _describe(previous),
+        )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _holder_text().encode(), 0)
+    return fd, None
 
 
 def write_summary(workdir: str, summary: dict) -> None:
