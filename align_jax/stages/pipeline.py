@@ -28,8 +28,8 @@ import ml_collections
 
 from align_jax import stages as stage_modules
 from align_jax import workdir as workdir_files
-from align_jax.checkpoint import latest_step_on_disk
-from align_jax.config import PIPELINE_STAGES, validate
+from align_jax.checkpoint import ResumeMismatchError, latest_step_on_disk
+from align_jax.config import PIPELINE_STAGES, ConfigValueError, validate
 from align_jax.stages import runner
 from align_jax.workdir import config_diff
 
@@ -43,9 +43,9 @@ def stage_list(config: ml_collections.ConfigDict) -> list[str]:
     names = [s.strip() for s in str(config.stages).split(",") if s.strip()]
     unknown = [s for s in names if s not in PIPELINE_STAGES]
     if unknown or not names:
-        raise ValueError(f"config.stages={config.stages!r}: unknown {unknown}; choose from {PIPELINE_STAGES}")
+        raise ConfigValueError(f"config.stages={config.stages!r}: unknown {unknown}; choose from {PIPELINE_STAGES}")
     if len(set(names)) != len(names):
-        raise ValueError(f"config.stages={config.stages!r} names a stage twice")
+        raise ConfigValueError(f"config.stages={config.stages!r} names a stage twice")
     return names
 
 
@@ -61,7 +61,7 @@ class Resolver:
             return value
         name = value[len(REF) :]
         if name not in self.order or self.order.index(name) >= self.order.index(by):
-            raise ValueError(
+            raise ConfigValueError(
                 f"config.{by}.{key}={value!r}: stage {name!r} must run before {by!r} (stages: {','.join(self.order)})"
             )
         return os.path.join(self.workdir, name)
@@ -114,7 +114,7 @@ def check_stage_record(name: str, c: ml_collections.ConfigDict, workdir: str, in
         if old != json.loads(json.dumps(record)):
             changed = config_diff(old.get("settings", {}), record["settings"])
             inputs_changed = [k for k, v in record["inputs"].items() if old.get("inputs", {}).get(k) != v]
-            raise ValueError(
+            raise ResumeMismatchError(
                 f"pipeline: {workdir} was trained with other settings or inputs (settings: {changed or 'same'}; "
                 f"changed inputs: {inputs_changed or 'none'}); delete it to retrain the {name} stage, or use "
                 "another --workdir"
@@ -215,7 +215,9 @@ def check_references(config: ml_collections.ConfigDict, order: list[str], resolv
             resolve(e[key], by="eval", key=key)
         missing = [n.strip() for n in str(e.models).split(",") if n.strip() not in ("", "base", *order)]
         if missing:
-            raise ValueError(f"config.eval.models names {missing}, which are not in config.stages={config.stages!r}")
+            raise ConfigValueError(
+                f"config.eval.models names {missing}, which are not in config.stages={config.stages!r}"
+            )
 
 
 @runner.locked
@@ -224,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     order = stage_list(config)
     if jax.process_count() > 1 and set(order) - {"sft", "rm", "dpo", "grpo"}:
         # Merge, eval and PAS curation read and write whole files on one host.
-        raise ValueError(
+        raise ConfigValueError(
             f"config.stages={config.stages!r}: with {jax.process_count()} processes run only the training "
             "stages (sft, rm, dpo, grpo); run pas, merge and eval on one host"
         )
