@@ -35,53 +35,60 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per resp
 _LIMIT = flags.DEFINE_integer("limit", None, "at most this many constraint and reward prompts")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 512, "packed row length for --sft_eval")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "packed rows per batch for --sft_eval")
+_VERBOSE = flags.DEFINE_bool("verbose", False, "library logs at INFO, and tracebacks for input errors")
 flags.mark_flags_as_required(["model"])
 
 
 def main(argv) -> int:
     tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
-    from align_jax.chat import ChatModel
-    from align_jax.eval.constraints import load_prompt_set
-    from align_jax.eval.reward import RewardScorer
-    from align_jax.eval.suite import evaluate_model
-    from align_jax.eval.winrate import load_prompts
+    from align_jax import cli
 
-    if _REFERENCE.value and not _RM.value:
-        raise SystemExit("--reference needs --rm: the win rate is measured with a reward model")
-    model = ChatModel.load(_MODEL.value, step=_STEP.value)
-    scorer = RewardScorer.load(_RM.value) if _RM.value else None
-    reference = ChatModel.load(_REFERENCE.value) if _REFERENCE.value else None
-    prompts = None
-    if scorer is not None:
-        if _REWARD_PROMPTS.value:
-            prompts = load_prompts(_REWARD_PROMPTS.value, _LIMIT.value)
-        elif _CONSTRAINTS.value:
-            prompts = [r["prompt"] for r in load_prompt_set(_CONSTRAINTS.value, _LIMIT.value)]
-        else:
-            raise SystemExit("--rm needs prompts: give --reward_prompts or --constraints")
-    details: dict = {}
-    metrics = evaluate_model(
-        model,
-        constraints=_CONSTRAINTS.value,
-        sft_eval=_SFT_EVAL.value,
-        scorer=scorer,
-        reward_prompts=prompts,
-        reference=reference,
-        max_new_tokens=_MAX_NEW.value,
-        limit=_LIMIT.value,
-        seq_len=_SEQ_LEN.value,
-        batch_size=_BATCH.value,
-        details=details,
-    )
-    if _OUT.value:
-        tmp = _OUT.value + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"model": _MODEL.value, "metrics": metrics, **details}, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, _OUT.value)
-    print(json.dumps(metrics))
-    return 0
+    verbose = cli.setup(_VERBOSE.value)
+    with cli.user_errors(verbose):
+        from align_jax.chat import ChatModel
+        from align_jax.eval.constraints import load_prompt_set
+        from align_jax.eval.reward import RewardScorer
+        from align_jax.eval.suite import evaluate_model
+        from align_jax.eval.winrate import load_prompts
+
+        if _REFERENCE.value and not _RM.value:
+            raise SystemExit("--reference needs --rm: the win rate is measured with a reward model")
+        model = ChatModel.load(_MODEL.value, step=_STEP.value)
+        scorer = RewardScorer.load(_RM.value) if _RM.value else None
+        reference = ChatModel.load(_REFERENCE.value) if _REFERENCE.value else None
+        prompts = None
+        if scorer is not None:
+            if _REWARD_PROMPTS.value:
+                prompts = load_prompts(_REWARD_PROMPTS.value, _LIMIT.value)
+            elif _CONSTRAINTS.value:
+                prompts = [r["prompt"] for r in load_prompt_set(_CONSTRAINTS.value, _LIMIT.value)]
+            else:
+                raise SystemExit("--rm needs prompts: give --reward_prompts or --constraints")
+        details: dict = {}
+        metrics = evaluate_model(
+            model,
+            constraints=_CONSTRAINTS.value,
+            sft_eval=_SFT_EVAL.value,
+            scorer=scorer,
+            reward_prompts=prompts,
+            reference=reference,
+            max_new_tokens=_MAX_NEW.value,
+            limit=_LIMIT.value,
+            seq_len=_SEQ_LEN.value,
+            batch_size=_BATCH.value,
+            details=details,
+        )
+        if _OUT.value:
+            tmp = _OUT.value + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"model": _MODEL.value, "metrics": metrics, **details}, f, indent=2, ensure_ascii=False)
+            os.replace(tmp, _OUT.value)
+        print(json.dumps(metrics))
+        return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from align_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

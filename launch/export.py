@@ -57,7 +57,11 @@ def main() -> int:
     p.add_argument(
         "--overwrite", action="store_true", help="replace --out if it holds a previous export (and nothing else)"
     )
+    p.add_argument("--verbose", action="store_true", help="library logs at INFO")
     a = p.parse_args()
+    from align_jax import cli
+
+    cli.setup(a.verbose)
     try:
         out = export(a.workdir, a.out, a.dtype, a.step, overwrite=a.overwrite)
     except (ValueError, FileExistsError, FileNotFoundError) as e:

@@ -11,7 +11,7 @@ Only the options a method takes may be given (e.g. --t for slerp, --density for 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
 
@@ -48,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--hf_out", default=None, help="also export the merged model as a Hugging Face directory")
     p.add_argument("--hf_dtype", default=None, help="dtype of the exported tensors (default: the params' dtype)")
+    p.add_argument("--verbose", action="store_true", help="library logs at INFO, one line per merged tensor")
     a = p.parse_args(argv)
+    from align_jax import cli
+
+    cli.setup(a.verbose)
+    if a.verbose:
+        logging.getLogger("align_jax.merge").setLevel(logging.DEBUG)
 
     from align_jax.merge import merge_checkpoints
 
@@ -69,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             summary["hf_out"] = export(a.out, a.hf_out, dtype=a.hf_dtype, overwrite=a.overwrite)
         except (ValueError, FileNotFoundError, FileExistsError) as e:
             p.error(str(e))
-    print(json.dumps(summary, indent=2))
+    done = "already held this merge" if summary.get("skipped") else f"merged in {summary.get('seconds', 0):.1f} s"
+    hf = f"; Hugging Face export: {summary['hf_out']}" if summary.get("hf_out") else ""
+    print(f"{a.method} of {len(models)} model(s): {a.out} {done} (summary.json){hf}")
     return 0
 
 

@@ -12,8 +12,6 @@ or settings, printed as one `error: ...` line (`--verbose` shows the traceback);
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 
@@ -41,33 +39,25 @@ def _multiprocess() -> bool:
 def main(argv):
     tune_host_allocator()  # before JAX starts its CPU backend: see align_jax/host.py
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Orbax logs every save step at INFO through absl; keep its warnings, drop the chatter.
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    from align_jax import cli
+
+    verbose = cli.setup(_VERBOSE.value)
     import jax
 
     if _multiprocess():
         jax.distributed.initialize()
     from align_jax import stages
-    from align_jax.errors import PREEMPTED_EXIT_CODE, USER_ERROR_EXIT_CODE, UserError, quiet_background_save_errors
+    from align_jax.errors import PREEMPTED_EXIT_CODE
 
-    if not _VERBOSE.value:
-        quiet_background_save_errors()
     config = _CONFIG.value
-    try:
+    with cli.user_errors(verbose):
         summary = stages.get(config.stage).run(config, _WORKDIR.value)
-    except UserError as e:
-        if _VERBOSE.value:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
     if jax.process_index() == 0:
-        print(json.dumps({"stage": config.stage, **summary}, default=str))
-    if summary.get("preempted"):
-        logging.warning("preempted: checkpoint saved; exiting with %d (rerun to resume)", PREEMPTED_EXIT_CODE)
-        return PREEMPTED_EXIT_CODE
-    return 0
+        print(cli.summary_line(config.stage, summary, _WORKDIR.value))
+    return PREEMPTED_EXIT_CODE if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from align_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from align_jax.data.formats import BadRowError, Origin
+from align_jax.errors import NotFoundError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 ReadResult = tuple[Any, Origin]
@@ -249,11 +250,25 @@ def _expand(spec: str) -> list[str]:
     if any(c in spec for c in "*?["):
         paths = sorted(glob.glob(spec, recursive=True))
         if not paths:
-            raise FileNotFoundError(f"no files match {spec!r}")
+            raise NotFoundError(f"no files match {spec!r}")
         return paths
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"no such file: {spec}")
+        raise NotFoundError(f"no such file: {spec}")
     return [spec]
+
+
+def check_local_files(spec: Any, key: str) -> None:
+    """Raises NotFoundError naming `config.<key>` when a source spec names local files that are not there
+    (datasets names, TFDS and dataset directories are left to their loaders). Runs are checked this way
+    before they create their workdir."""
+    specs = [spec] if isinstance(spec, str | os.PathLike) else spec if isinstance(spec, list | tuple) else []
+    for one in specs:
+        one = os.fspath(one)
+        if one.endswith(FILE_SUFFIXES) and not one.startswith("tfds:"):
+            try:
+                _expand(one)
+            except NotFoundError as e:
+                raise NotFoundError(f"config.{key}: {e}") from None
 
 
 def open_source(

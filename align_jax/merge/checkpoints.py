@@ -203,7 +203,7 @@ def merge_checkpoints(
             del tensors, base_t  # one leaf per source at a time
             if stats:
                 per_leaf_stats[name] = stats
-            log.info("merged %s %s", name, shape)
+            log.debug("merged %s %s", name, shape)
 
         dtype = merged[("embed", "embedding")].dtype
         cfg = anchor.cfg.replace(param_dtype=np.dtype(dtype).name)

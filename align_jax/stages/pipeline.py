@@ -235,7 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, dict] = {}
     out = {"stages": order, "workdir": os.path.abspath(workdir)}
-    for name in order:
+    for i, name in enumerate(order, start=1):
+        log.info("pipeline: stage %d/%d: %s", i, len(order), name)
         where = os.path.join(os.path.abspath(workdir), name)
         if name in TRAINING_STAGES:
             summaries[name] = run_training_stage(name, stage_config(config, name, resolve), where)

@@ -14,9 +14,10 @@ import numpy as np
 
 from align_jax import checkpoint
 from align_jax import workdir as workdir_files
-from align_jax.config import validate
+from align_jax.config import resolve_data_path, validate
 from align_jax.data import pipeline
 from align_jax.data.prefetch import Prefetcher
+from align_jax.data.sources import check_local_files
 from align_jax.metrics import MetricsWriter
 from align_jax.stages import build
 from align_jax.train import loop
@@ -89,12 +90,33 @@ def locked(run: Callable[[ml_collections.ConfigDict, str], dict]) -> Callable[[m
     @functools.wraps(run)
     def wrapper(config: ml_collections.ConfigDict, workdir: str) -> dict:
         validate(config)
-        if config.get("init_from"):
-            checkpoint.init_from_kind(config.init_from)  # a typo fails here, before anything is written
+        check_inputs(config)  # a typo fails here, before anything is written
         with workdir_files.lock(workdir):
             return run(config, workdir)
 
     return wrapper
+
+
+# Where a stage config names data files (read by its stage, so checked before the run starts).
+DATA_KEYS = ("data.train", "data.eval", "grpo.ptx_data", "pas.prompts")
+
+
+def check_inputs(config: ml_collections.ConfigDict) -> None:
+    """The paths a run reads exist and hold what is expected: init_from, and every local data file."""
+    if config.get("init_from"):
+        checkpoint.init_from_kind(config.init_from)
+    # A pipeline's stages are checked up front too (their init_from are earlier stages: checked as they run).
+    nested = (
+        [config[n] for n in str(config.stages).split(",") if n.strip() in config and "stage" in config[n.strip()]]
+        if config.stage == "pipeline"
+        else []
+    )
+    for c, prefix in [(config, ""), *((n, f"{n.stage}.") for n in nested)]:
+        for key in DATA_KEYS:
+            section, name = key.split(".")
+            spec = c[section][name] if section in c and name in c[section] else ""
+            if spec:
+                check_local_files(resolve_data_path(spec), prefix + key)
 
 
 def drive(
