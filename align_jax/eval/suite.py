@@ -58,6 +58,9 @@ def evaluate_model(
         scores = evaluate_constraints(model, constraints, max_new_tokens=max_new_tokens, limit=limit, augment=augment)
         out["constraints/prompt_acc"] = scores["prompt_acc"]
         out["constraints/instruction_acc"] = scores["instruction_acc"]
+        # Sample counts: the report shows each metric with the n it was measured on.
+        out["constraints/n_prompts"] = float(scores["n_prompts"])
+        out["constraints/n_instructions"] = float(scores["n_instructions"])
         out.update({f"constraints/check/{k}": v for k, v in scores["per_check"].items()})
         out.update({f"constraints/category/{k}": v for k, v in scores["per_category"].items()})
         if details is not None:
@@ -74,10 +77,12 @@ def evaluate_model(
             sharder=model.sharder,
         )
         out.update(nll=ppl["nll"], ppl=ppl["ppl"], token_acc=ppl["accuracy"])
+        out["ppl/tokens"] = float(ppl["tokens"])
     if scorer is not None:
         prompts = list(reward_prompts)[:limit] if limit is not None else list(reward_prompts)
         mine = rewards(model, scorer, prompts, max_new_tokens=max_new_tokens, augment=augment)
         out["reward/mean"], out["reward/std"] = float(mine.mean()), float(mine.std())
+        out["reward/n"] = float(len(mine))  # the win rate is over the same prompts
         if reference is not None:
             theirs = rewards(reference, scorer, prompts, max_new_tokens=max_new_tokens)
             cmp = compare(mine, theirs)

@@ -104,11 +104,14 @@ def test_evaluate_model_flat_metrics_with_stand_ins(tmp_path):
     assert got == {
         "constraints/prompt_acc": 1.0,
         "constraints/instruction_acc": 1.0,
+        "constraints/n_prompts": 2.0,  # the sample counts the report shows as n=
+        "constraints/n_instructions": 3.0,
         "constraints/check/max_words": 1.0,
         "constraints/check/no_commas": 1.0,
         "constraints/category/k": 1.0,
         "reward/mean": 3.5,
         "reward/std": pytest.approx(np.std([3, 5, 2, 4])),
+        "reward/n": 4.0,
         "winrate/vs_reference": 0.5,
         "winrate/margin": 0.25,
         "reward/reference_mean": 3.25,
