@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -234,9 +235,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     check_references(config, order, resolve)
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, dict] = {}
-    out = {"stages": order, "workdir": os.path.abspath(workdir)}
+    # Wall time of each stage in this invocation (a skipped stage takes ~0): the README's times come from here.
+    out: dict[str, Any] = {"stages": order, "workdir": os.path.abspath(workdir), "seconds": {}}
+    start = time.perf_counter()
     for i, name in enumerate(order, start=1):
         log.info("pipeline: stage %d/%d: %s", i, len(order), name)
+        t0 = time.perf_counter()
         where = os.path.join(os.path.abspath(workdir), name)
         if name in TRAINING_STAGES:
             summaries[name] = run_training_stage(name, stage_config(config, name, resolve), where)
@@ -252,7 +256,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             from align_jax.stages import evaluation
 
             summaries[name] = evaluation.run_pipeline_eval(config, resolve, where, order)
-        log.info("pipeline: %s done", name)
+        out["seconds"][name] = round(time.perf_counter() - t0, 1)
+        log.info("pipeline: %s done in %.0f s", name, out["seconds"][name])
+    out["seconds"]["total"] = round(time.perf_counter() - start, 1)
     if "eval" in summaries:
         out["report"] = summaries["eval"].get("report")
         out["metrics"] = summaries["eval"].get("metrics")
