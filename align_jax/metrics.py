@@ -175,7 +175,8 @@ def read_metrics(workdir: str) -> list[dict]:
 class Progress:
     """A one-line progress bar with rate and ETA, redrawn in place on a terminal, logged otherwise."""
 
-    def __init__(self, total: int, start: int = 0, stream=sys.stderr):
+    def __init__(self, total: int, start: int = 0, stream=None):
+        stream = stream if stream is not None else sys.stderr  # looked up now: it may be redirected since import
         self.total, self.start_step, self.stream = total, start, stream
         self.t0 = time.perf_counter()
         self.tty = hasattr(stream, "isatty") and stream.isatty()

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from align_jax.metrics import Progress
 from align_jax.pas import templates
 from align_jax.pas.cluster import hierarchical_kmeans, kmeans, select_per_cluster
 from align_jax.pas.dedup import dedup_mask
@@ -71,8 +72,10 @@ def curate(
     tagger: Tagger | None = None,
     balance_cap: int | Mapping[str, int] | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> CurationResult:
-    """Curates `prompts` (strings); see the module docstring for the steps."""
+    """Curates `prompts` (strings); see the module docstring for the steps. `progress` shows a bar over
+    the steps (embedding and clustering take minutes on large prompt sets)."""
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"curate: prompt {i} is a {type(p).__name__}, not a string")
@@ -86,11 +89,16 @@ def curate(
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
 
+    steps = ("exact_dedup", "embed", "dedup", "diversity", "quality", "tag", "balance")
+    bar = Progress(len(steps)) if progress else None
+
     def lap(step: str) -> None:
         nonlocal clock
         now = time.perf_counter()
         seconds[step] = round(now - clock, 3)
         clock = now
+        if bar is not None:
+            bar.update(steps.index(step) + 1, f"curate: {step} ({len(index)} prompts)")
 
     seen: set[str] = set()
     idx = []
@@ -155,5 +163,7 @@ def curate(
         }
         for j in kept
     ]
+    if bar is not None:
+        bar.close()
     log.info("curate: kept %s; seconds %s", counts, seconds)
     return CurationResult(rows, counts, seconds)

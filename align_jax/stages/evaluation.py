@@ -94,6 +94,7 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     from align_jax.eval.report import write_report
     from align_jax.eval.suite import evaluate_model
     from align_jax.eval.winrate import load_prompts
+    from align_jax.metrics import Progress
 
     e = config.eval
     os.makedirs(workdir, exist_ok=True)
@@ -128,7 +129,8 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
         return ChatModel.load(os.path.join(resolve.workdir, name), batch_size=batch, dtype=e.dtype)
 
     sft_dir = os.path.join(resolve.workdir, "sft")
-    for name in names:
+    bar = Progress(len(names))  # evaluating a model takes minutes: say which one, and how far along
+    for i, name in enumerate(names, start=1):
         where = os.path.join(resolve.workdir, name)
         compare = reference_name and name != reference_name and name != "base"
         # What produced each number: the model's, the reference's, the RM's and the PAS model's outputs
@@ -180,6 +182,8 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
             return metrics
 
         stage_metrics[name] = _cached(os.path.join(workdir, f"{name}.json"), key, compute)
+        bar.update(i, f"eval: {name}")
+    bar.close()
     if rm_dir:
         key = {"rm": fingerprint(rm_dir), "settings": settings}
         rm_name = e.rm[len("stage:") :] if e.rm.startswith("stage:") else "rm"

@@ -111,6 +111,7 @@ def make_complements(config: ml_collections.ConfigDict, out_dir: str) -> dict:
         tagger=_tagger(p, embedder),
         balance_cap=int(p.balance_cap) or None,
         seed=int(config.seed),
+        progress=bool(config.train.progress),
     )
     log.info("pas: curation kept %s", cur.counts)
     teacher = pas.TemplateTeacher(flaw_rate=float(p.flaw_rate)) if p.teacher == "template" else _model(p.teacher)

@@ -114,6 +114,15 @@ def test_hashed_curation_of_demo_like_prompts():
     assert kinds == ["Reverse"] * 3 + ["What"] * 3  # one cluster per template
 
 
+def test_progress_bar_names_each_step(capsys):
+    prompts = ["What is 2 plus 3?", "Name a red fruit.", "What is 2 plus 3?", "Write a haiku about rain."]
+    curate(prompts, embedder=HashedEmbedder(), n_clusters=2, per_cluster=None, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "curate:" in line]
+    steps = ("exact_dedup", "embed", "dedup", "diversity", "quality", "tag", "balance")
+    assert [line.split("curate: ")[1].split(" ")[0] for line in lines] == list(steps)
+    assert lines[0].count("/7") == 1 and "(3 prompts)" in lines[0]  # after exact dedup
+
+
 def test_judge_quality_parses_scores():
     class Replies:
         def __init__(self, replies):
