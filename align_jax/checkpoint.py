@@ -221,9 +221,9 @@ def open_reader(workdir: str, what: str) -> ocp.CheckpointManager:
         raise NotFoundError(
             f"{what}={workdir}: expected an align_jax stage workdir (with {CHECKPOINT_DIR}/<step>/), found {found}"
         )
-    return ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    )
+    # create=False and no save: nothing is written. (Orbax's read_only=True would say the same in a warning
+    # on every open.)
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
 
 
 def read_config(workdir: str, step: int | None = None, *, what: str = "workdir") -> dict:

@@ -248,6 +248,26 @@ def test_cli_refusal_exits_2_with_one_line(workdir):
     assert snapshot(workdir) == before
 
 
+def test_cli_success_is_quiet(workdir, tmp_path):
+    # Before: ~40 lines of Orbax INFO per restore, "Unable to initialize backend 'tpu'" and "PyTorch was not
+    # found" ahead of the result. Now the library logs stay at WARNING unless --verbose.
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "launch", "export.py"),
+        "--workdir",
+        str(workdir),
+        "--out",
+        str(tmp_path / "hf"),
+    ]
+    before = snapshot(workdir)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS=""))
+    assert snapshot(workdir) == before  # reading a workdir writes nothing into it
+    assert r.returncode == 0 and r.stdout == f"{tmp_path / 'hf'}\n", r.stderr[-2000:]
+    assert r.stderr.strip() == "", r.stderr[-2000:]
+    r = subprocess.run([*cmd, "--overwrite", "--verbose"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "checkpoint" in r.stderr.lower()  # --verbose brings the library logs back
+
+
 def test_cli_prints_the_directory_and_overwrites_on_request(workdir, tmp_path, monkeypatch, capsys):
     out = str(tmp_path / "hf")
     argv = ["export.py", "--workdir", str(workdir), "--out", out]
