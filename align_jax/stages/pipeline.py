@@ -30,7 +30,7 @@ import ml_collections
 from align_jax import stages as stage_modules
 from align_jax import workdir as workdir_files
 from align_jax.checkpoint import ResumeMismatchError, latest_step_on_disk
-from align_jax.config import PIPELINE_STAGES, ConfigValueError, validate
+from align_jax.config import PIPELINE_STAGES, ConfigValueError
 from align_jax.stages import runner
 from align_jax.workdir import config_diff
 
@@ -221,9 +221,9 @@ def check_references(config: ml_collections.ConfigDict, order: list[str], resolv
             )
 
 
-@runner.locked
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
+def check(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Everything that can be checked before the pipeline takes its workdir: the stage list, and every
+    `stage:` reference of every stage."""
     order = stage_list(config)
     if jax.process_count() > 1 and set(order) - {"sft", "rm", "dpo", "grpo"}:
         # Merge, eval and PAS curation read and write whole files on one host.
@@ -231,8 +231,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f"config.stages={config.stages!r}: with {jax.process_count()} processes run only the training "
             "stages (sft, rm, dpo, grpo); run pas, merge and eval on one host"
         )
+    check_references(config, order, Resolver(workdir, order))
+
+
+@runner.locked(check=check)
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    order = stage_list(config)
     resolve = Resolver(workdir, order)
-    check_references(config, order, resolve)
     os.makedirs(workdir, exist_ok=True)
     summaries: dict[str, dict] = {}
     # Wall time of each stage in this invocation (a skipped stage takes ~0): the README's times come from here.

@@ -82,15 +82,24 @@ class StageRun:
         return {f"data/{k}": v for k, v in self.train_iter.stats().items() if isinstance(v, int | float)}
 
 
-def locked(run: Callable[[ml_collections.ConfigDict, str], dict]) -> Callable[[ml_collections.ConfigDict, str], dict]:
+def locked(
+    run: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+    *,
+    check: Callable[[ml_collections.ConfigDict, str], None] | None = None,
+):
     """A stage's `run(config, workdir)` that validates the config, then holds the workdir's exclusive lock
     (align_jax/workdir.py) for the whole run: a second run on the same workdir fails at once naming the
-    first, instead of both writing into it. Config and init_from are checked first: a typo leaves no workdir."""
+    first, instead of both writing into it. Config, inputs and the stage's own `check(config, workdir)` come
+    first: a typo leaves no workdir. `@locked` or `@locked(check=...)`."""
+    if run is None:
+        return functools.partial(locked, check=check)
 
     @functools.wraps(run)
     def wrapper(config: ml_collections.ConfigDict, workdir: str) -> dict:
         validate(config)
-        check_inputs(config)  # a typo fails here, before anything is written
+        check_inputs(config)
+        if check is not None:
+            check(config, workdir)
         with workdir_files.lock(workdir):
             return run(config, workdir)
 
