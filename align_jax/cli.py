@@ -99,7 +99,9 @@ def summary_line(stage: str, summary: dict, workdir: str) -> str:
         if summary.get("preempted"):
             return f"pipeline stopped: {summary['preempted']} was preempted (its checkpoint is saved); rerun to resume"
         if summary.get("report"):
-            return f"pipeline done: report written to {summary['report']}"
+            report = summary["report"]
+            report = os.path.join(report, "report.md") if os.path.isdir(report) else report
+            return f"pipeline done: report written to {report}"
         return f"pipeline done: stages {', '.join(summary.get('stages', []))} in {where}"
     step = summary.get("final_step")
     if summary.get("preempted"):
