@@ -27,7 +27,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def _text(output: dict) -> str:
     """The readable text of one cell output (images as a placeholder)."""
     if output["output_type"] == "stream":
-        return output["text"]
+        return _ANSI.sub("", output["text"])
     if output["output_type"] == "error":
         return _ANSI.sub("", "\n".join(output["traceback"])) + "\n"
     data = output.get("data", {})
@@ -74,18 +74,18 @@ def execute(
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
+    number = {i: n for n, i in enumerate((i for i, c in enumerate(nb.cells) if c.cell_type == "code"), 1)}
     started: dict[int, float] = {}
 
     def on_execute(cell, cell_index):
         started[cell_index] = time.perf_counter()
 
     def on_executed(cell, cell_index, execute_reply):
-        n = code.index(cell) + 1 if cell in code else "?"
         took = time.perf_counter() - started.get(cell_index, time.perf_counter())
-        echo(f"--- cell {n}/{len(code)} ({cell.get('id', cell_index)}): {took:.1f} s")
-        text = "".join(_text(o) for o in cell.get("outputs", []) if o["output_type"] != "error")
-        if text:
+        failed = execute_reply.get("content", {}).get("status") == "error"
+        echo(f"--- cell {number[cell_index]}/{len(number)} ({cell.get('id', cell_index)}): {took:.1f} s")
+        text = "".join(_text(o) for o in cell.get("outputs", []))
+        if text and not failed:  # a failed cell's output comes with its error
             echo(text.rstrip("\n"))
 
     env = dict(os.environ if env is None else env)
@@ -100,9 +100,9 @@ def execute(
             on_cell_executed=on_executed,  # after the cell's outputs are in, before a failure is raised
         )
         try:
-            client.execute(env=env, cwd=cwd)
+            client.execute(env=env, cwd=cwd, cleanup_kc=True)  # shut the kernel down: we made its manager
         except CellExecutionError:
-            echo("--- failed")
+            echo("--- failed:")
             raise
         finally:
             if output:
@@ -110,7 +110,16 @@ def execute(
     return nb
 
 
-def main() -> int:
+def _join_flags(argv: list[str]) -> list[str]:
+    """`--flags "--config.x=y"` as `--flags=--config.x=y`: argparse takes a value that starts with "--" for an option."""
+    argv = list(argv)
+    if "--flags" in argv[:-1]:
+        i = argv.index("--flags")
+        argv[i : i + 2] = [f"--flags={argv[i + 1]}"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("notebook")
     p.add_argument("--workdir", required=True, help="the pipeline workdir (ALIGN_JAX_DEMO_WORKDIR)")
@@ -118,7 +127,7 @@ def main() -> int:
     p.add_argument("--output", default=None, help="write the executed notebook here")
     p.add_argument("--timeout", type=int, default=3600, help="seconds any one cell may take")
     p.add_argument("--cwd", default=ROOT, help="the kernel's working directory (default: the repository root)")
-    a = p.parse_args()
+    a = p.parse_args(_join_flags(sys.argv[1:] if argv is None else argv))
     if not os.path.isfile(a.notebook):
         p.error(f"no notebook at {a.notebook}")
     from nbclient.exceptions import CellExecutionError

@@ -132,7 +132,8 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     bar = Progress(len(names))  # evaluating a model takes minutes: say which one, and how far along
     for i, name in enumerate(names, start=1):
         where = os.path.join(resolve.workdir, name)
-        compare = reference_name and name != reference_name and name != "base"
+        # A win rate needs a reward model to judge it: without one the reference is not compared.
+        compare = bool(scorer) and reference_name and name != reference_name and name != "base"
         # What produced each number: the model's, the reference's, the RM's and the PAS model's outputs
         # (fingerprints of their summaries and checkpoints), and the eval settings.
         key = {
