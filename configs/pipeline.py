@@ -14,7 +14,7 @@ Presets:
              bundled data (align_jax/data/demo), then the PAS model (template teacher + rule judge, the
              offline stand-in for a teacher LLM), the reward model, DPO (+RPO), GRPO (verifiable
              checks + reward model + PTX), Model Stock, and the evaluation of base / sft / dpo / grpo /
-             merge. 2-core CPU: ~8 min alone (13 min beside other jobs), 2.7 GB peak memory.
+             merge. 2-core CPU: ~8.7 min (13 min beside other jobs), 2.7 GB peak memory.
              Measured: constraint following (prompt level) 0.06 / 0.875 / 0.875 / 0.93 / 0.89 and mean
              reward under the RM -2.17 / 0.82 / 0.74 / 1.28 / 0.84 for base / sft / dpo / grpo / merge;
              win rate against SFT: DPO 0.64, GRPO 0.59 (README.md's results block is generated from a
