@@ -68,6 +68,9 @@ def test_tiny_pipeline_runs_every_stage_writes_the_report_and_skips_what_is_done
         summaries = json.load(f)["stage_summaries"]
     assert all(summaries[s].get("skipped") for s in ("sft", "pas", "rm", "dpo", "grpo", "merge"))
     assert again["metrics"] == out["metrics"]
+    # The stage times (the README's) stay those of the run that did the work.
+    trained = {k: v for k, v in out["seconds"].items() if k not in ("eval", "total")}
+    assert all(v > 0 for v in trained.values()) and {k: again["seconds"][k] for k in trained} == trained
 
     # More DPO steps: only DPO resumes (from its checkpoint), and only what depends on it is re-measured.
     c = tiny_pipeline()
