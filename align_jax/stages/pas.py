@@ -30,7 +30,7 @@ import numpy as np
 
 from align_jax import workdir as workdir_files
 from align_jax.checkpoint import checkpoint_dir
-from align_jax.config import resolve_data_path, validate
+from align_jax.config import ConfigValueError, resolve_data_path
 from align_jax.stages import runner
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,15 @@ def make_complements(config: ml_collections.ConfigDict, out_dir: str) -> dict:
     return summary
 
 
-@runner.locked
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    validate(config)
+def _check(config: ml_collections.ConfigDict, workdir: str) -> None:
     if not config.init_from:
-        raise ValueError("the pas stage trains the PAS model from config.init_from (an SFT workdir or HF directory)")
+        raise ConfigValueError(
+            "config.init_from is empty: the pas stage trains the PAS model from it (an SFT workdir or HF directory)"
+        )
+
+
+@runner.locked(check=_check)  # before the run takes its workdir
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     data_dir = os.path.join(workdir, DATA_DIR)
     made = make_complements(config, data_dir)
     c = copy.deepcopy(config)
