@@ -72,10 +72,8 @@ def parse_flags(argv: list[str]) -> list[str]:
             inner = inner.args[0]
         lines = [part.strip() for part in str(inner).splitlines() if part.strip()]
         if any(line.startswith("Traceback") for line in lines):
-            lines = [
-                next(x for x in str(e).splitlines()[:1]).split(":")[0] + ":",
-                lines[-1],
-            ]  # the config file's own error
+            # A config file's own error inside absl's wrapping: the flag, then the error's last line.
+            lines = [str(e).splitlines()[0].split(":")[0] + ":", lines[-1]]
         text = " ".join(lines)
         bad = next((a for a in argv[1:] if a.startswith("--config.") and _names_key(a, text)), None)
         if bad and isinstance(e, AttributeError | KeyError):

@@ -115,12 +115,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     if config.get("init_from"):
         checkpoint.init_from_kind(config.init_from)
     # A pipeline's stages are checked up front too (their init_from are earlier stages: checked as they run).
-    nested = (
-        [config[n] for n in str(config.stages).split(",") if n.strip() in config and "stage" in config[n.strip()]]
-        if config.stage == "pipeline"
-        else []
-    )
-    for c, prefix in [(config, ""), *((n, f"{n.stage}.") for n in nested)]:
+    configs = [(config, "")]
+    if config.stage == "pipeline":
+        names = [n.strip() for n in str(config.stages).split(",")]
+        configs += [(config[n], f"{n}.") for n in names if n in config and "stage" in config[n]]
+    for c, prefix in configs:
         for key in DATA_KEYS:
             section, name = key.split(".")
             spec = c[section][name] if section in c and name in c[section] else ""
