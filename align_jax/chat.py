@@ -45,7 +45,7 @@ def default_sharder() -> Sharder:
 def load_model_params(source: str, *, dtype: str = "float32", step: int | None = None, sharder: Sharder | None = None):
     """(ModelConfig, params, tokenizer dir) of a causal LM in an HF directory or a stage workdir."""
     from align_jax.models.hf import abstract_params, load_pretrained
-    from align_jax.stages.build import TOKENIZER_DIR
+    from align_jax.workdir import TOKENIZER_DIR
 
     sharder = sharder or default_sharder()
     if checkpoint.is_hf_dir(source):

@@ -28,15 +28,12 @@ import orbax.checkpoint as ocp
 from align_jax.errors import NotFoundError, UserError
 from align_jax.models.config import ModelConfig, from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
-from align_jax.workdir import config_diff, read_summary
+from align_jax.workdir import CHECKPOINT_DIR, checkpoint_dir, config_diff, latest_step_on_disk, read_summary
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 
 
-def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
 def is_hf_dir(path: str) -> bool:
@@ -198,13 +195,6 @@ class Checkpointer:
                 original=e,
             ) from None
 
-
-def latest_step_on_disk(workdir: str) -> int | None:
-    """A workdir's latest finished checkpoint step, read from the step directories' names (Orbax's
-    in-progress saves have non-numeric names), without opening a checkpoint manager; None if none."""
-    directory = checkpoint_dir(workdir)
-    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-    return max(steps) if steps else None
 
 
 def open_reader(workdir: str, what: str) -> ocp.CheckpointManager:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -27,6 +28,11 @@ from typing import Any
 import numpy as np
 
 from align_jax.errors import UserError
+
+# What a stage workdir holds besides the lock and summary.json: the run's tokenizer (saved on first use,
+# so a resume and the export use the same one) and Orbax's step directories.
+TOKENIZER_DIR = "tokenizer"
+CHECKPOINT_DIR = "checkpoints"
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +158,34 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
             out += config_diff(old.get(k), new.get(k), f"{prefix}{k}.")
         return out
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def latest_step_on_disk(workdir: str) -> int | None:
+    """A workdir's latest finished checkpoint step, read from the step directories' names (Orbax's
+    in-progress saves have non-numeric names), without opening a checkpoint manager; None if none."""
+    directory = checkpoint_dir(workdir)
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+    return max(steps) if steps else None
+
+
+def fingerprint(path: str) -> str | None:
+    """What a stage's output is, for deciding whether what was built on it is stale: a hash of its
+    summary.json (final step, final metrics, a merge's recipe and source steps) and its latest checkpoint
+    step. An HF directory: its config.json's modification time and size. Absent: None."""
+    if not path or not os.path.exists(path):
+        return None
+    h = hashlib.sha256()
+    summary = os.path.join(path, SUMMARY)
+    if os.path.isfile(summary):
+        with open(summary, "rb") as f:
+            h.update(f.read())
+    h.update(str(latest_step_on_disk(path)).encode())
+    config_json = os.path.join(path, "config.json")
+    if os.path.isfile(config_json):
+        st = os.stat(config_json)
+        h.update(f"{st.st_mtime_ns}:{st.st_size}".encode())
+    return h.hexdigest()[:16]

@@ -32,7 +32,7 @@ def export(
     from align_jax import checkpoint
     from align_jax.models.config import from_hf_dict
     from align_jax.models.hf import abstract_params, save_pretrained
-    from align_jax.stages.build import TOKENIZER_DIR
+    from align_jax.workdir import TOKENIZER_DIR
 
     saved = checkpoint.read_config(workdir, step)
     if saved.get("config", {}).get("stage") == "rm":

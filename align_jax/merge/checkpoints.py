@@ -152,8 +152,7 @@ def merge_checkpoints(
     Params keep the anchor's dtype (the base's, else the first source's); the arithmetic is float32.
     If `out` already holds a finished merge with the same recipe, returns its summary (with skipped=True)
     without recomputing; a different recipe there is an error unless `overwrite`."""
-    from align_jax.stages.build import TOKENIZER_DIR
-    from align_jax.workdir import write_summary
+    from align_jax.workdir import TOKENIZER_DIR, write_summary
 
     start = time.perf_counter()
     if isinstance(sources, str | os.PathLike):

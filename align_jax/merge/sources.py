@@ -83,7 +83,7 @@ class WorkdirSource(Source):
         return _checked(np.asarray(out), shape, f"{self.path} step {self.step}", leaf)
 
     def tokenizer_dir(self) -> str | None:
-        from align_jax.stages.build import TOKENIZER_DIR
+        from align_jax.workdir import TOKENIZER_DIR
 
         tok = os.path.join(self.path, TOKENIZER_DIR)
         return tok if os.path.isfile(os.path.join(tok, "tokenizer_config.json")) else None

@@ -27,10 +27,10 @@ from align_jax.models.transformer import boxed_init
 from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules, tree_shardings
 from align_jax.train.optim import make_optimizer
 from align_jax.train.state import TrainState
+from align_jax.workdir import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_DIR = "tokenizer"
 
 
 def make_sharder(config: ml_collections.ConfigDict) -> Sharder:

@@ -24,7 +24,7 @@ import ml_collections
 from align_jax import checkpoint
 from align_jax.config import resolve_data_path
 from align_jax.data.sources import iter_jsonl
-from align_jax.stages.pipeline import fingerprint
+from align_jax.workdir import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16)
 
     from align_jax.chat import ChatModel, default_sharder
     from align_jax.models.transformer import boxed_init
-    from align_jax.stages.build import TOKENIZER_DIR
+    from align_jax.workdir import TOKENIZER_DIR
 
     base = resolve(config.sft.init_from, by="eval", key="models") if config.sft.init_from else config.init_from
     if base:

@@ -17,7 +17,6 @@ their results keyed by what produced them and redo only what changed.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import os
@@ -29,10 +28,10 @@ import ml_collections
 
 from align_jax import stages as stage_modules
 from align_jax import workdir as workdir_files
-from align_jax.checkpoint import ResumeMismatchError, latest_step_on_disk
+from align_jax.checkpoint import ResumeMismatchError
 from align_jax.config import PIPELINE_STAGES, ConfigValueError
 from align_jax.stages import runner
-from align_jax.workdir import config_diff
+from align_jax.workdir import config_diff, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +74,6 @@ def is_complete(workdir: str, steps: int) -> bool:
     summary = workdir_files.read_summary(workdir)
     return bool(summary) and not summary.get("preempted") and int(summary.get("final_step", -1)) >= steps
 
-
-def fingerprint(path: str) -> str | None:
-    """What a stage's output is, for deciding whether what was built on it is stale: a hash of its
-    summary.json (final step, final metrics, a merge's recipe and source steps) and its latest checkpoint
-    step. An HF directory: its config.json's modification time and size. Absent: None."""
-    if not path or not os.path.exists(path):
-        return None
-    h = hashlib.sha256()
-    summary = os.path.join(path, workdir_files.SUMMARY)
-    if os.path.isfile(summary):
-        with open(summary, "rb") as f:
-            h.update(f.read())
-    h.update(str(latest_step_on_disk(path)).encode())
-    config_json = os.path.join(path, "config.json")
-    if os.path.isfile(config_json):
-        st = os.stat(config_json)
-        h.update(f"{st.st_mtime_ns}:{st.st_size}".encode())
-    return h.hexdigest()[:16]
 
 
 STAGE_RECORD = "pipeline_stage.json"
