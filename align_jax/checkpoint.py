@@ -33,9 +33,6 @@ from align_jax.workdir import CHECKPOINT_DIR, checkpoint_dir, config_diff, lates
 log = logging.getLogger(__name__)
 
 
-
-
-
 def is_hf_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
@@ -194,7 +191,6 @@ class Checkpointer:
                 "rerun the same command to resume from it",
                 original=e,
             ) from None
-
 
 
 def open_reader(workdir: str, what: str) -> ocp.CheckpointManager:

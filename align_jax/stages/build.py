@@ -32,7 +32,6 @@ from align_jax.workdir import TOKENIZER_DIR
 log = logging.getLogger(__name__)
 
 
-
 def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
     mesh = make_mesh({ax: int(config.mesh[ax]) for ax in config.mesh})
     rules = dict(normalize_rules(None))

@@ -75,7 +75,6 @@ def is_complete(workdir: str, steps: int) -> bool:
     return bool(summary) and not summary.get("preempted") and int(summary.get("final_step", -1)) >= steps
 
 
-
 STAGE_RECORD = "pipeline_stage.json"
 
 
