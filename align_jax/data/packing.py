@@ -128,51 +128,48 @@ def _best_fit_decreasing(lengths: Sequence[int], seq_len: int, max_items: int | 
     return rows
 
 
-def _fill_rows(lengths: Sequence[int], seq_len: int, multiplier: int, max_items: int | None = None) -> list[list[int]]:
-    """Fills rows one at a time, each as exactly as it can (see the module docstring).
+class _Unplaced:
+    """The examples not in a row yet, kept by length so that exact closers are found with bit operations.
 
-    The unplaced examples are kept by length: `count[n]` of length n, `have` with bit n set while there
-    are any, and `mirror` with bit seq_len - n set likewise, so the lengths a with a and r - a both
-    present are the set bits of `have & (mirror >> (seq_len - r))`: one shift and one and.
+    `count[n]` are left of length n, `have` has bit n set while there are any, and `mirror` has bit
+    seq_len - n set likewise, so the lengths a with a and r - a both present are the set bits of
+    `have & (mirror >> (seq_len - r))`: one shift and one and, instead of a search over the lengths."""
 
-    With `max_items`, sampling stops while the row still has room for the closers (up to three), and each
-    closing move only uses as many examples as the row has places left for. Without it every such check
-    passes, so the placement is exactly the unlimited one."""
-    limit = max_items or 1 << 62
-    count = [0] * (seq_len + 1)
-    waiting: dict[int, list[int]] = {}  # length -> unplaced examples of it, latest first
-    for i in range(len(lengths) - 1, -1, -1):
-        count[lengths[i]] += 1
-        waiting.setdefault(lengths[i], []).append(i)
-    have = mirror = 0
-    for n in waiting:
-        have |= 1 << n
-        mirror |= 1 << (seq_len - n)
-    shortest, longest = min(waiting, default=0), max(waiting, default=0)  # of the unplaced examples
-    # The sampling order: example indices hashed by the multiplier (Knuth's multiplicative hashing).
-    keys = (np.arange(len(lengths), dtype=np.uint64) * np.uint64(multiplier)) & np.uint64(0xFFFFFFFF)
-    stream = np.asarray(lengths)[np.argsort(keys, kind="stable")].tolist()
-    next_sample = 0
-    left = len(lengths)
-    rows: list[list[int]] = []
+    def __init__(self, lengths: Sequence[int], seq_len: int):
+        self.seq_len = seq_len
+        self.count = [0] * (seq_len + 1)
+        self.waiting: dict[int, list[int]] = {}  # length -> unplaced examples of it, latest first
+        # Filled backwards so that popping from the end hands out each length's examples in index order.
+        for i in range(len(lengths) - 1, -1, -1):
+            self.count[lengths[i]] += 1
+            self.waiting.setdefault(lengths[i], []).append(i)
+        self.have = self.mirror = 0
+        for n in self.waiting:
+            self.have |= 1 << n
+            self.mirror |= 1 << (seq_len - n)
+        self.shortest, self.longest = min(self.waiting, default=0), max(self.waiting, default=0)
+        self.left = len(lengths)
 
-    def take(n: int, row: list[int]) -> None:
-        nonlocal have, mirror, left, shortest, longest
-        row.append(waiting[n].pop())
-        count[n] -= 1
-        left -= 1
-        if not count[n]:
-            have ^= 1 << n
-            mirror ^= 1 << (seq_len - n)
-            if n == shortest:
-                shortest = (have & -have).bit_length() - 1
-            if n == longest:
-                longest = have.bit_length() - 1
+    def take(self, n: int, row: list[int]) -> None:
+        """Moves the earliest unplaced example of length `n` into `row`, keeping the bitsets and the
+        shortest and longest lengths left up to date (the closing moves read them every step)."""
+        row.append(self.waiting[n].pop())
+        self.count[n] -= 1
+        self.left -= 1
+        if not self.count[n]:
+            self.have ^= 1 << n
+            self.mirror ^= 1 << (self.seq_len - n)
+            if n == self.shortest:
+                self.shortest = (self.have & -self.have).bit_length() - 1
+            if n == self.longest:
+                self.longest = self.have.bit_length() - 1
 
-    def pair(r: int, used: int = 0) -> tuple[int, int] | None:
-        """The most even two lengths a >= b present with a + b = r (beside one example of length `used`)."""
+    def pair(self, r: int, used: int = 0) -> tuple[int, int] | None:
+        """The most even two lengths a >= b present with a + b = r (beside one example of length `used`).
+        Even pairs first: they leave both the long and the short examples for the rows still to fill."""
+        count = self.count
         half = (r + 1) // 2
-        both = (have & (mirror >> (seq_len - r))) >> half
+        both = (self.have & (self.mirror >> (self.seq_len - r))) >> half
         while both:
             low = both & -both
             both ^= low
@@ -182,51 +179,110 @@ def _fill_rows(lengths: Sequence[int], seq_len: int, multiplier: int, max_items:
                 return a, b
         return None
 
-    while left:
+    def triple(self, room: int) -> tuple[int, int, int] | None:
+        """Three lengths present that sum to `room`: a first member a, longest first, then the most even
+        pair for room - a. At most _MAX_TRIPLES first members are tried, which bounds the cost of a row
+        that has no exact triple."""
+        firsts = self.have & ((2 << (room - 2 * self.shortest)) - 1)
+        for _ in range(_MAX_TRIPLES):
+            if not firsts:
+                break
+            a = firsts.bit_length() - 1
+            firsts ^= 1 << a
+            rest = self.pair(room - a, a)
+            if rest is not None:
+                return (a, *rest)
+        return None
+
+    def exact(self, room: int, places: int) -> tuple[int, ...] | None:
+        """One, two or three lengths present that fill `room` exactly, using at most `places` examples
+        (the row's places left under max_items); the fewest examples first."""
+        if self.count[room]:
+            return (room,)
+        found = self.pair(room) if places >= 2 else None
+        if found is None and room >= 3 * self.shortest and places >= 3:
+            return self.triple(room)
+        return found
+
+    def filler(self, room: int, places: int) -> int:
+        """The length to place when nothing fills `room` exactly: the longest that still leaves room for
+        another example (so the row can be closed exactly later), else just the longest that fits."""
+        have = self.have
+        fits = have & ((2 << (room - self.shortest)) - 1) if room >= 2 * self.shortest and places >= 2 else 0
+        return (fits or have & ((2 << room) - 1)).bit_length() - 1
+
+
+def _sampling_order(lengths: Sequence[int], multiplier: int) -> list[int]:
+    """The example lengths in a fixed pseudo-random order: the indices hashed by `multiplier` (Knuth's
+    multiplicative hashing), so each multiplier gives another order and the same one on every run."""
+    keys = (np.arange(len(lengths), dtype=np.uint64) * np.uint64(multiplier)) & np.uint64(0xFFFFFFFF)
+    return np.asarray(lengths)[np.argsort(keys, kind="stable")].tolist()
+
+
+class _RowFiller:
+    """Fills rows one at a time, each as exactly as it can (see the module docstring): opened with the
+    longest example left, then sampled in a fixed pseudo-random order, then closed exactly.
+
+    With `max_items`, sampling stops while the row still has room for the closers (up to three), and each
+    closing move only uses as many examples as the row has places left for. Without it every such check
+    passes, so the placement is exactly the unlimited one."""
+
+    def __init__(self, lengths: Sequence[int], seq_len: int, multiplier: int, max_items: int | None):
+        self.seq_len = seq_len
+        self.limit = max_items or 1 << 62
+        self.unplaced = _Unplaced(lengths, seq_len)
+        self.stream = _sampling_order(lengths, multiplier)
+        self.next_sample = 0  # the sampling order's cursor: it carries on across rows
+
+    def fill_row(self) -> list[int]:
+        """The next row's example indices."""
+        pool = self.unplaced
         row: list[int] = []
-        room = seq_len - longest
-        take(longest, row)
-        # Sampling: representative rows keep the unplaced examples representative too, so the last rows
-        # still have a mix of lengths to fill exactly with.
-        while left and next_sample < len(stream):
-            n = stream[next_sample]
-            if not count[n]:  # every example of this length is placed already
-                next_sample += 1
+        room = self.seq_len - pool.longest
+        pool.take(pool.longest, row)
+        room = self._sample(row, room)
+        self._close(row, room)
+        return row
+
+    def _sample(self, row: list[int], room: int) -> int:
+        """Adds examples in the sampling order while the row has plenty of room; returns the room left.
+        Representative rows keep the unplaced examples representative too, so the last rows still have a
+        mix of lengths to fill exactly with."""
+        pool, stream, limit = self.unplaced, self.stream, self.limit
+        while pool.left and self.next_sample < len(stream):
+            n = stream[self.next_sample]
+            if not pool.count[n]:  # every example of this length is placed already
+                self.next_sample += 1
                 continue
-            if room <= _SAMPLE_ABOVE * longest or n > room - shortest or len(row) + 3 >= limit:
+            if room <= _SAMPLE_ABOVE * pool.longest or n > room - pool.shortest or len(row) + 3 >= limit:
                 break
-            next_sample += 1
-            take(n, row)
+            self.next_sample += 1
+            pool.take(n, row)
             room -= n
-        # Closing: one, two or three examples that fill the room exactly, else the longest that leaves
-        # room for another (else just the longest that fits), and again.
-        while left and room >= shortest and len(row) < limit:
+        return room
+
+    def _close(self, row: list[int], room: int) -> None:
+        """Closes the row: one, two or three examples that fill the room exactly, else a filler that leaves
+        room for another, and again, until nothing more fits."""
+        pool, limit = self.unplaced, self.limit
+        while pool.left and room >= pool.shortest and len(row) < limit:
             places = limit - len(row)
-            if count[room]:
-                take(room, row)
-                break
-            found = pair(room) if places >= 2 else None
-            if found is None and room >= 3 * shortest and places >= 3:
-                # A triple: a first member a, longest first, then the most even pair for room - a.
-                firsts = have & ((2 << (room - 2 * shortest)) - 1)
-                for _ in range(_MAX_TRIPLES):
-                    if not firsts:
-                        break
-                    a = firsts.bit_length() - 1
-                    firsts ^= 1 << a
-                    rest = pair(room - a, a)
-                    if rest is not None:
-                        found = (a, *rest)
-                        break
+            found = pool.exact(room, places)
             if found is not None:
                 for n in found:
-                    take(n, row)
-                break
-            fits = have & ((2 << (room - shortest)) - 1) if room >= 2 * shortest and places >= 2 else 0
-            n = (fits or have & ((2 << room) - 1)).bit_length() - 1
-            take(n, row)
+                    pool.take(n, row)
+                return
+            n = pool.filler(room, places)
+            pool.take(n, row)
             room -= n
-        rows.append(row)
+
+
+def _fill_rows(lengths: Sequence[int], seq_len: int, multiplier: int, max_items: int | None = None) -> list[list[int]]:
+    """Rows of example indices, filled one at a time by a `_RowFiller` until every example is placed."""
+    filler = _RowFiller(lengths, seq_len, multiplier, max_items)
+    rows: list[list[int]] = []
+    while filler.unplaced.left:
+        rows.append(filler.fill_row())
     return rows
 
 

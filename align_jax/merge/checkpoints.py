@@ -136,6 +136,107 @@ def _save_tokenizer(sources: Sequence[Source], dest: str) -> str | None:
     return None
 
 
+def _open_all(recipe: dict[str, Any], stack: contextlib.ExitStack) -> tuple[list[Source], Source | None]:
+    """Opens every source and the base, each registered on `stack` as soon as it is open, so an error
+    opening a later one still closes the earlier ones."""
+    models: list[Source] = []
+    for path in recipe["sources"]:
+        models.append(open_source(path))
+        stack.callback(models[-1].close)
+    base_src = None
+    if recipe["base"] is not None:
+        base_src = open_source(recipe["base"])
+        stack.callback(base_src.close)
+    return models, base_src
+
+
+def _merge_leaves(
+    method: str,
+    recipe: dict[str, Any],
+    kw: dict[str, Any],
+    models: Sequence[Source],
+    base_src: Source | None,
+    anchor: Source,
+) -> tuple[dict[tuple[str, ...], np.ndarray], dict[str, dict[str, list[float]]]]:
+    """The merged params, flat, and each leaf's method statistics (if it reports any). Reads one leaf of
+    each source at a time, so memory holds the merged model plus one leaf per source, never whole sources;
+    the leaves are those of the anchor's architecture, which every source was checked to share."""
+    abstract = traverse_util.flatten_dict(nn.meta.unbox(hf.abstract_params(anchor.cfg)))
+    merged: dict[tuple[str, ...], np.ndarray] = {}
+    per_leaf_stats: dict[str, dict[str, list[float]]] = {}
+    for leaf in sorted(abstract):
+        shape, name = tuple(abstract[leaf].shape), "/".join(leaf)
+        tensors = [src.read(leaf, shape) for src in models]
+        base_t = None if base_src is None else base_src.read(leaf, shape)
+        stats: dict[str, list[float]] = {}
+        merged[leaf] = merge_tensors(
+            method,
+            tensors,
+            base_t,
+            weights=recipe["weights"],
+            name=name,
+            layer_axis=is_stacked(name),
+            stats=stats,
+            **kw,
+        )
+        del tensors, base_t  # one leaf per source at a time
+        if stats:
+            per_leaf_stats[name] = stats
+        log.debug("merged %s %s", name, shape)
+    return merged, per_leaf_stats
+
+
+def _saved_config(recipe: dict[str, Any], cfg: Any) -> dict[str, Any]:
+    """The config stored with the checkpoint, in the layout a training stage stores, so everything that
+    loads a stage's workdir (init_from, export, ChatModel.load) loads the merge the same way."""
+    return {
+        "config": {"stage": STAGE, STAGE: recipe},
+        "hf_model_config": to_hf_dict(cfg),
+        "runtime": {k: getattr(cfg, k) for k in RUNTIME_FIELDS},
+    }
+
+
+def _summary(
+    method: str,
+    recipe: dict[str, Any],
+    kw: dict[str, Any],
+    out: str,
+    merged: dict[tuple[str, ...], np.ndarray],
+    dtype: np.dtype,
+    opened: Sequence[Source],
+    per_leaf_stats: dict[str, dict[str, list[float]]],
+) -> dict[str, Any]:
+    """The summary, all but the tokenizer and the seconds (known only once the workdir is written). It is
+    built before the checkpoint is saved, because `merged` is dropped right after saving."""
+    summary = {
+        "stage": STAGE,
+        "method": method,
+        "sources": recipe["sources"],
+        "base": recipe["base"],
+        "weights": recipe["weights"],
+        "kwargs": kw,
+        "recipe": recipe,
+        "out": out,
+        "n_tensors": len(merged),
+        "n_params": int(sum(math.prod(x.shape) for x in merged.values())),
+        "dtype": np.dtype(dtype).name,
+        "source_steps": {s.path: s.step for s in opened},
+    }
+    if per_leaf_stats:
+        summary["stats"] = _collect_stats(per_leaf_stats)
+    return summary
+
+
+def _save_checkpoint(tmp: str, merged: dict[tuple[str, ...], np.ndarray], saved_config: dict[str, Any]) -> None:
+    """Saves the merged params as step STEP of an Orbax checkpoint in `tmp`, synchronously: the directory
+    is renamed into place right after, so the save must be complete on return."""
+    ckpt = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
+    try:
+        ckpt.save(STEP, {"params": traverse_util.unflatten_dict(merged)}, {}, saved_config)
+    finally:
+        ckpt.close()
+
+
 def merge_checkpoints(
     method: str,
     sources: Sequence[str],
@@ -170,75 +271,21 @@ def merge_checkpoints(
     kw = {k: v for k, v in recipe.items() if k not in ("method", "sources", "base", "weights")}
 
     with contextlib.ExitStack() as stack:
-        models: list[Source] = []
-        for path in recipe["sources"]:
-            models.append(open_source(path))
-            stack.callback(models[-1].close)
-        base_src = None
-        if recipe["base"] is not None:
-            base_src = open_source(recipe["base"])
-            stack.callback(base_src.close)
+        models, base_src = _open_all(recipe, stack)
+        opened = [*models, *([base_src] if base_src else [])]
         anchor = base_src if base_src is not None else models[0]
         check_same_architecture(anchor, [s for s in models if s is not anchor])
-
-        abstract = traverse_util.flatten_dict(nn.meta.unbox(hf.abstract_params(anchor.cfg)))
-        merged: dict[tuple[str, ...], np.ndarray] = {}
-        per_leaf_stats: dict[str, dict[str, list[float]]] = {}
-        for leaf in sorted(abstract):
-            shape, name = tuple(abstract[leaf].shape), "/".join(leaf)
-            tensors = [src.read(leaf, shape) for src in models]
-            base_t = None if base_src is None else base_src.read(leaf, shape)
-            stats: dict[str, list[float]] = {}
-            merged[leaf] = merge_tensors(
-                method,
-                tensors,
-                base_t,
-                weights=recipe["weights"],
-                name=name,
-                layer_axis=is_stacked(name),
-                stats=stats,
-                **kw,
-            )
-            del tensors, base_t  # one leaf per source at a time
-            if stats:
-                per_leaf_stats[name] = stats
-            log.debug("merged %s %s", name, shape)
-
+        merged, per_leaf_stats = _merge_leaves(method, recipe, kw, models, base_src, anchor)
         dtype = merged[("embed", "embedding")].dtype
-        cfg = anchor.cfg.replace(param_dtype=np.dtype(dtype).name)
-        saved_config = {
-            "config": {"stage": STAGE, STAGE: recipe},
-            "hf_model_config": to_hf_dict(cfg),
-            "runtime": {k: getattr(cfg, k) for k in RUNTIME_FIELDS},
-        }
-        summary = {
-            "stage": STAGE,
-            "method": method,
-            "sources": recipe["sources"],
-            "base": recipe["base"],
-            "weights": recipe["weights"],
-            "kwargs": kw,
-            "recipe": recipe,
-            "out": out,
-            "n_tensors": len(merged),
-            "n_params": int(sum(math.prod(x.shape) for x in merged.values())),
-            "dtype": np.dtype(dtype).name,
-            "source_steps": {s.path: s.step for s in [*models, *([base_src] if base_src else [])]},
-        }
-        if per_leaf_stats:
-            summary["stats"] = _collect_stats(per_leaf_stats)
+        saved_config = _saved_config(recipe, anchor.cfg.replace(param_dtype=np.dtype(dtype).name))
+        summary = _summary(method, recipe, kw, out, merged, dtype, opened, per_leaf_stats)
 
+        # Built beside OUT and renamed into place, so OUT is never half-written.
         tmp = outdir.make_scratch(out)
         try:
-            ckpt = checkpoint.Checkpointer(tmp, keep=1, async_save=False)
-            try:
-                ckpt.save(STEP, {"params": traverse_util.unflatten_dict(merged)}, {}, saved_config)
-            finally:
-                ckpt.close()
-            del merged
-            summary["tokenizer"] = _save_tokenizer(
-                [*models, *([base_src] if base_src else [])], os.path.join(tmp, TOKENIZER_DIR)
-            )
+            _save_checkpoint(tmp, merged, saved_config)
+            del merged  # the tokenizer and summary need no params
+            summary["tokenizer"] = _save_tokenizer(opened, os.path.join(tmp, TOKENIZER_DIR))
             summary["seconds"] = round(time.perf_counter() - start, 3)
             write_summary(tmp, summary)
             outdir.replace_dir(tmp, out)

@@ -10,10 +10,10 @@ Parameter layout (every leaf carries logical axis names; `layers` leaves are sta
     final_norm/scale                [E]
     lm_head/kernel                  [E, V]      (absent with tied embeddings)
 
-The layer stack is an `nn.scan` over units of k = `layers_per_unit` layers (itself an inner scan),
-and the unit is what gets rematerialised: only the residual stream entering each unit is kept for the
-backward pass (the report's multi-layer checkpointing; see `Unit`). `nn.map_variables` presents the [L/k, k, ...]
-unit layout as the canonical [L, ...] one, so checkpoints do not depend on k.
+Where the pieces live: layers.py holds the blocks up to one decoder layer (norms, projections,
+Attention, Mlp, Block); layer_stack.py the L layers as a scanned, rematerialised `LayerStack` (whose
+unit layout [L/k, k, ...] is presented as the canonical [L, ...] one, so checkpoints do not depend on
+k) or an unrolled `LayerList`; this module the `Decoder` around them, its init and `forward`.
 
 Generation (align_jax/generate.py) runs the same modules with a KV cache: `mode` "prefill" or "decode"
 on Attention/Block/Unit/LayerStack. The cache ({"k", "v"}, each [L, B, K, S, H]) then rides in the layer
@@ -30,341 +30,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.ad_checkpoint import checkpoint_name
 
-from align_jax.models.attention import attention, cached_attention, make_mask, write_cache
+from align_jax.models.attention import make_mask
 from align_jax.models.config import ModelConfig
-from align_jax.models.rope import apply_rope, inv_frequencies
+
+# The building blocks and the layer stack live in their own modules; the names stay importable from here
+# (the model's public surface), so callers and checkpoints see one module.
+from align_jax.models.layer_stack import LayerList as LayerList
+from align_jax.models.layer_stack import LayerStack as LayerStack
+from align_jax.models.layer_stack import Unit as Unit
+from align_jax.models.layer_stack import remat_policy as remat_policy
+from align_jax.models.layer_stack import unstack_layers as unstack_layers
+from align_jax.models.layers import BTE as BTE
+from align_jax.models.layers import CACHE_NAMES as CACHE_NAMES
+from align_jax.models.layers import Attention as Attention
+from align_jax.models.layers import Block as Block
+from align_jax.models.layers import Embedding as Embedding
+from align_jax.models.layers import Linear as Linear
+from align_jax.models.layers import LinearWeights as LinearWeights
+from align_jax.models.layers import LmHead as LmHead
+from align_jax.models.layers import Mlp as Mlp
+from align_jax.models.layers import RMSNorm as RMSNorm
+from align_jax.models.layers import constrain_cache as constrain_cache
 from align_jax.sharding import Sharder
-
-BTE = ("activation_batch", "activation_length", "activation_embed")
-
-
-def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init) -> jax.Array:
-    cfg: ModelConfig = module.cfg
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.jnp_param_dtype)
-
-
-def _normal(cfg: ModelConfig):
-    return nn.initializers.normal(stddev=cfg.initializer_range)
-
-
-def _bcast(b: jax.Array, ndim: int) -> jax.Array:
-    """Left-pads a bias/scale with unit axes (rank promotion is an error in this project)."""
-    return b.reshape((1,) * (ndim - b.ndim) + b.shape)
-
-
-class RMSNorm(nn.Module):
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        dtype = self.cfg.jnp_dtype
-        return _bcast(scale.astype(dtype), x.ndim) * y.astype(dtype)
-
-
-class Linear(nn.Module):
-    """A projection whose kernel keeps the logical shape (e.g. [E, N, H]) instead of a flat matrix."""
-
-    cfg: ModelConfig
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    equation: str  # einsum of (input, kernel)
-    n_in: int = 1  # leading kernel dims that are contracted; the bias has the rest
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = self.cfg.jnp_dtype
-        w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
-        y = jnp.einsum(self.equation, x, w.astype(dtype))
-        if self.use_bias:
-            b = _param(self, "bias", self.shape[self.n_in :], self.axes[self.n_in :], nn.initializers.zeros)
-            y = y + _bcast(b.astype(dtype), y.ndim)
-        return y
-
-
-CACHE_NAMES = (None, "activation_batch", "activation_kv_heads", None, None)  # [L, B, K, S, H]
-
-
-def constrain_cache(sharder: Sharder, cache: Any) -> Any:
-    """Batch and kv heads sharded like the activations, stacked ([L, B, K, S, H]) or per layer."""
-    return jax.tree.map(lambda c: sharder.constrain(c, CACHE_NAMES[-c.ndim :]), cache)
-
-
-class Attention(nn.Module):
-    """Without a cache: the training forward. With one (`mode` set) it also returns the cache with this
-    layer's keys/values written: "prefill" attends exactly as training does (over the new tokens) and
-    writes slots [0, T); "decode" writes slots [cache_index, cache_index + T) and attends over the cache."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str | None = None
-
-    @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array, cache=None, cache_index=None):
-        cfg = self.cfg
-        e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-
-        def proj(name: str, heads: int, heads_axis: str) -> jax.Array:
-            shape, axes = (e, heads, h), ("embed", heads_axis, "head_dim")
-            return Linear(cfg, shape, axes, "bte,enh->btnh", use_bias=cfg.qkv_bias, name=name)(x_BTE)
-
-        q = checkpoint_name(proj("q_proj", n, "heads"), "query_proj")
-        kk = checkpoint_name(proj("k_proj", k, "kv_heads"), "key_proj")
-        v = checkpoint_name(proj("v_proj", k, "kv_heads"), "value_proj")
-        inv_freq = inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
-        q = apply_rope(q, positions_BT, inv_freq)
-        kk = apply_rope(kk, positions_BT, inv_freq)
-        q = self.sharder.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
-        kk = self.sharder.constrain(kk, ("activation_batch", "activation_length", "activation_kv_heads", None))
-        v = self.sharder.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
-
-        if cache is not None:
-            layer = cache["layer"]
-            index = jnp.zeros((), jnp.int32) if self.mode == "prefill" else cache_index
-            k_cache = constrain_cache(self.sharder, write_cache(cache["k"], kk, layer, index))
-            v_cache = constrain_cache(self.sharder, write_cache(cache["v"], v, layer, index))
-            cache = {"k": k_cache, "v": v_cache, "layer": layer}
-        if self.mode == "decode":
-            ctx = cached_attention(q, k_cache[layer], v_cache[layer], mask_BTS, h**-0.5)
-        else:
-            ctx = attention(
-                q, kk, v, mask_BTS, impl=cfg.attention_impl, aligned=True, sliding_window=cfg.sliding_window
-            )
-        ctx = checkpoint_name(ctx, "attn_context")
-        o_proj = Linear(
-            cfg, (n, h, e), ("heads", "head_dim", "embed"), "btnh,nhe->bte", n_in=2, use_bias=cfg.o_bias, name="o_proj"
-        )
-        out = checkpoint_name(o_proj(ctx), "attn_out")
-        return out if cache is None else (out, cache)
-
-
-class LinearWeights(nn.Module):
-    """A `Linear`'s kernel and bias (None without one), declared but not applied."""
-
-    cfg: ModelConfig
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]
-    use_bias: bool = False
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
-        b = _param(self, "bias", self.shape[1:], self.axes[1:], nn.initializers.zeros) if self.use_bias else None
-        return w, b
-
-
-class Mlp(nn.Module):
-    """SwiGLU. Training and prefill run gate and up as one einsum over the two kernels stacked
-    [E, 2, F] (one matmul and one weight-gradient transpose instead of two: the MLP's fwd+bwd is ~20%
-    faster on CPU; the stacked axis is unsharded and F keeps its sharding, so nothing moves between
-    devices). Decoding keeps two einsums: stacking would copy both kernels on every step of a
-    memory-bound loop. Checkpoints keep HF's separate gate_proj / up_proj leaves either way."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    fuse_gate_up: bool = True
-
-    @nn.compact
-    def __call__(self, x_BTE: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        e, f = cfg.hidden_size, cfg.intermediate_size
-        dtype = cfg.jnp_dtype
-        mlp_names = ("activation_batch", "activation_length", "activation_mlp")
-        weights = [
-            LinearWeights(cfg, (e, f), ("embed", "mlp"), cfg.mlp_bias, name=name)() for name in ("gate_proj", "up_proj")
-        ]
-        if self.fuse_gate_up:
-            w_E2F = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)
-            h_BT2F = jnp.einsum("bte,ecf->btcf", x_BTE, w_E2F)
-            if cfg.mlp_bias:
-                h_BT2F = h_BT2F + _bcast(jnp.stack([b for _, b in weights]).astype(dtype), 4)
-            gate, up = h_BT2F[:, :, 0], h_BT2F[:, :, 1]
-        else:
-            gate, up = (jnp.einsum("bte,ef->btf", x_BTE, w.astype(dtype)) for w, _ in weights)
-            if cfg.mlp_bias:
-                gate, up = (y + _bcast(b.astype(dtype), 3) for y, (_, b) in zip((gate, up), weights, strict=True))
-        hidden = self.sharder.constrain(nn.silu(gate) * up, mlp_names)
-        down = Linear(cfg, (f, e), ("mlp", "embed"), "btf,fe->bte", use_bias=cfg.mlp_bias, name="down_proj")
-        return checkpoint_name(down(hidden), "mlp_out")
-
-
-class Block(nn.Module):
-    """One decoder layer, with the (carry, broadcast inputs) -> (carry, None) signature of nn.scan.
-
-    The carry is the residual stream; with a cache (`mode` set) it is (stream, cache), and the cache's
-    "layer" counter advances by one per Block."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str | None = None
-
-    @nn.compact
-    def __call__(self, carry, positions_BT, mask_BTS, cache_index=None):
-        x_BTE, cache = (carry, None) if self.mode is None else carry
-        h = RMSNorm(self.cfg, name="input_norm")(x_BTE)
-        attn = Attention(self.cfg, self.sharder, self.mode, name="attn")
-        if cache is None:
-            x_BTE = x_BTE + attn(h, positions_BT, mask_BTS)
-        else:
-            out, cache = attn(h, positions_BT, mask_BTS, cache, cache_index)
-            x_BTE, cache = x_BTE + out, {**cache, "layer": cache["layer"] + 1}
-        h = RMSNorm(self.cfg, name="post_attn_norm")(x_BTE)
-        x_BTE = x_BTE + Mlp(self.cfg, self.sharder, fuse_gate_up=self.mode != "decode", name="mlp")(h)
-        x_BTE = self.sharder.constrain(x_BTE, BTE)
-        return (x_BTE if cache is None else (x_BTE, cache)), None
-
-
-def _scan(module_cls, length: int, unroll: int = 1, n_broadcast: int = 2):
-    return nn.scan(
-        module_cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * n_broadcast,
-        length=length,
-        unroll=min(unroll, length),
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-
-
-class Unit(nn.Module):
-    """k consecutive layers: the unit of rematerialisation.
-
-    Only the residual stream entering each unit is kept through the forward pass. When the backward
-    pass recomputes a unit, each of its k layers is checkpointed again with the same policy, so the
-    peak holds (L/k + k) residual streams and one layer's intermediates, instead of L streams (k=1)
-    or k layers' intermediates (a flat k-layer unit). The price of k > 1 is one more forward pass."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str | None = None
-
-    @nn.compact
-    def __call__(self, carry, positions_BT, mask_BTS, *cache_index):
-        cfg = self.cfg
-        layer = Block
-        if cfg.remat_policy != "none" and cfg.layers_per_unit > 1 and self.mode is None:
-            layer = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        scan = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll, 2 + len(cache_index))
-        carry, _ = scan(cfg, self.sharder, self.mode, name="unit")(carry, positions_BT, mask_BTS, *cache_index)
-        return carry, None
-
-
-def remat_policy(name: str) -> Any:
-    """The jax.checkpoint policy for a config name. Names refer to `checkpoint_name` tags above."""
-    cp = jax.checkpoint_policies
-    return {
-        "full": cp.nothing_saveable,
-        "save_dots": cp.dots_with_no_batch_dims_saveable,
-        "save_qkv_proj": cp.save_only_these_names("query_proj", "key_proj", "value_proj"),
-        "save_qkv_attn": cp.save_only_these_names("query_proj", "key_proj", "value_proj", "attn_context"),
-        "save_out_proj": cp.save_only_these_names("attn_out", "mlp_out"),
-    }[name]
-
-
-def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.LogicallyPartitioned)
-
-
-def _layers_to_units(cfg: ModelConfig):
-    """[L, ...] -> {'unit': [L/k, k, ...]} (and back), boxes included, for nn.map_variables."""
-    k, n_units = cfg.layers_per_unit, cfg.num_layers // cfg.layers_per_unit
-
-    def split(x):
-        if _is_box(x):
-            return x.replace_boxed(split(x.value)).replace(names=("layers", *x.names))
-        return x.reshape((n_units, k, *x.shape[1:]))
-
-    def merge(x):
-        if _is_box(x):
-            return x.replace_boxed(merge(x.value)).replace(names=tuple(x.names[1:]))
-        return x.reshape((n_units * k, *x.shape[2:]))
-
-    # The trees come keyed by collection: {"params": {...}}.
-    def trans_in(variables):
-        return {c: {"unit": jax.tree.map(split, t, is_leaf=_is_box)} if t else t for c, t in variables.items()}
-
-    def trans_out(variables):
-        return {c: jax.tree.map(merge, t["unit"], is_leaf=_is_box) if t else t for c, t in variables.items()}
-
-    return trans_in, trans_out
-
-
-class LayerStack(nn.Module):
-    """x -> x; with a cache (`mode` set), (x, cache) -> (x, cache)."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str | None = None
-
-    @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
-        cfg = self.cfg
-        unit = Unit
-        if cfg.remat_policy != "none" and self.mode is None:  # nothing to rematerialise without a backward pass
-            unit = nn.remat(Unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        n_units = cfg.num_layers // cfg.layers_per_unit
-        extra = () if cache is None else (cache_index,)
-        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit), 2 + len(extra))
-        trans_in, trans_out = _layers_to_units(cfg)
-        stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
-        carry = x_BTE if cache is None else (x_BTE, {**cache, "layer": jnp.zeros((), jnp.int32)})
-        carry, _ = stack(cfg, self.sharder, self.mode, name="stack")(carry, positions_BT, mask_BTS, *extra)
-        if cache is None:
-            return carry
-        x_BTE, cache = carry
-        return x_BTE, {"k": cache["k"], "v": cache["v"]}
-
-
-class LayerList(nn.Module):
-    """The layers as L separate Blocks with params {"layer_0": ..., ...} (see `unstack_layers`), with a
-    cache only (stacked or per layer). Generation decodes through this: inside the loop over tokens, XLA
-    copies every layer's weights (and cache) out of stacked [L, ...] arrays on every step (it does not
-    hoist those slices out of the loop), while separate per-layer arrays are read in place. Same Blocks,
-    same numbers."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str
-
-    @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache, cache_index):
-        carry = (x_BTE, {"k": cache["k"], "v": cache["v"], "layer": 0})
-        for i in range(self.cfg.num_layers):
-            block = Block(self.cfg, self.sharder, self.mode, name=f"layer_{i}")
-            carry, _ = block(carry, positions_BT, mask_BTS, cache_index)
-        x_BTE, cache = carry
-        return x_BTE, {"k": cache["k"], "v": cache["v"]}
-
-
-def unstack_layers(params: Any) -> Any:
-    """The params tree for `Decoder(unstacked=True)`: layers/stack's [L, ...] leaves as L per-layer trees."""
-    stacked = params["layers"]["stack"]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    layers = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
-    return {**params, "layers": layers}
-
-
-class Embedding(nn.Module):
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        shape = (self.cfg.vocab_size, self.cfg.hidden_size)
-        return _param(self, "embedding", shape, ("vocab", "embed"), _normal(self.cfg))
-
-
-class LmHead(nn.Module):
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self) -> jax.Array:
-        shape = (self.cfg.hidden_size, self.cfg.vocab_size)
-        return _param(self, "kernel", shape, ("embed", "vocab"), _normal(self.cfg))
 
 
 class Decoder(nn.Module):

@@ -59,6 +59,143 @@ def text_key(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+_STEPS = ("exact_dedup", "embed", "dedup", "diversity", "quality", "tag", "balance")
+
+
+class _StepClock:
+    """Wall time per curation step, and the optional bar over the steps: embedding and clustering take
+    minutes on large prompt sets, so the bar says which step finished and how many prompts remain."""
+
+    def __init__(self, progress: bool) -> None:
+        self.seconds: dict[str, float] = {}
+        self.clock = time.perf_counter()
+        self.bar = Progress(len(_STEPS)) if progress else None
+
+    def lap(self, step: str, n_prompts: int) -> None:
+        """Ends `step`: its time is from the end of the previous step."""
+        now = time.perf_counter()
+        self.seconds[step] = round(now - self.clock, 3)
+        self.clock = now
+        if self.bar is not None:
+            self.bar.update(_STEPS.index(step) + 1, f"curate: {step} ({n_prompts} prompts)")
+
+    def close(self) -> None:
+        """Ends the bar's line on a terminal, so the next output starts on its own line."""
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _check_args(prompts: Sequence[str], n_clusters: int | Sequence[int]) -> tuple[int, ...]:
+    """Fails on a non-string prompt or bad cluster counts before any (slow) step runs; returns the
+    cluster count of each k-means level (one level for an int)."""
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"curate: prompt {i} is a {type(p).__name__}, not a string")
+    if isinstance(n_clusters, int):
+        levels: tuple[int, ...] = (n_clusters,)
+    else:
+        levels = tuple(int(k) for k in n_clusters)
+    if not levels or any(k <= 0 for k in levels):
+        raise ValueError(f"curate: n_clusters must be a positive int or a sequence of them, got {n_clusters!r}")
+    return levels
+
+
+def _exact_dedup(prompts: Sequence[str]) -> np.ndarray:
+    """Indices of the first prompt of each normalized text, before embedding, so duplicates cost no
+    embedding; empty prompts are dropped here too (nothing to augment)."""
+    seen: set[str] = set()
+    idx = []
+    for i, p in enumerate(prompts):
+        key = text_key(p)
+        if key and key not in seen:
+            seen.add(key)
+            idx.append(i)
+    return np.asarray(idx, np.int64)
+
+
+def _embed(prompts: Sequence[str], index: np.ndarray, embedder: Embedder) -> np.ndarray:
+    """Unit-norm embeddings of the kept prompts, one row each (checked: every later step indexes both
+    arrays together)."""
+    emb = normalize_rows(embedder.embed([prompts[i] for i in index])) if len(index) else np.zeros((0, 1), np.float32)
+    if len(emb) != len(index):
+        raise ValueError(f"curate: the embedder returned {len(emb)} rows for {len(index)} prompts")
+    return emb
+
+
+def _diversify(
+    index: np.ndarray,
+    emb: np.ndarray,
+    levels: tuple[int, ...],
+    per_cluster: int | None,
+    select: str,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Clusters the prompts and keeps up to `per_cluster` of each cluster, so no one topic dominates;
+    returns the kept (index, emb, cluster). Every cluster label is 0 when nothing is left to cluster."""
+    cluster = np.zeros(len(index), np.int64)
+    if len(index):
+        km = kmeans(emb, levels[0], seed=seed) if len(levels) == 1 else hierarchical_kmeans(emb, levels, seed=seed)
+        cluster = km.labels
+        if per_cluster is not None:
+            pick = select_per_cluster(emb, km.labels, km.centroids, per_cluster, how=select)
+            index, emb, cluster = index[pick], emb[pick], cluster[pick]
+    return index, emb, cluster
+
+
+def _quality_filter(
+    prompts: Sequence[str],
+    index: np.ndarray,
+    emb: np.ndarray,
+    cluster: np.ndarray,
+    quality: Quality | None,
+    min_quality: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """Drops unscorable prompts (NaN) and those below `min_quality`; returns the kept (index, emb, cluster,
+    scores) and how many were unscorable. Scores are None without a quality model (or without prompts),
+    and balance then ranks by input order alone."""
+    if quality is None or not len(index):
+        return index, emb, cluster, None, 0
+    scores = np.asarray(quality.score([prompts[i] for i in index]), np.float32)
+    if scores.shape != (len(index),):
+        raise ValueError(f"curate: quality returned shape {scores.shape} for {len(index)} prompts")
+    unscored = int(np.isnan(scores).sum())
+    ok = ~np.isnan(scores)
+    if min_quality is not None:
+        ok &= np.nan_to_num(scores, nan=-np.inf) >= min_quality
+    return index[ok], emb[ok], cluster[ok], scores[ok], unscored
+
+
+def _tag(texts: list[str], emb: np.ndarray, tagger: Tagger | None) -> list[str]:
+    """One category per prompt (checked, since balance caps by them); every prompt is "other" without a
+    tagger."""
+    categories = list(tagger.tag(texts, emb)) if tagger is not None and len(texts) else [templates.OTHER] * len(texts)
+    if len(categories) != len(texts):
+        raise ValueError(f"curate: the tagger returned {len(categories)} tags for {len(texts)} prompts")
+    return categories
+
+
+def _rows(
+    kept: np.ndarray,
+    texts: list[str],
+    categories: list[str],
+    cluster: np.ndarray,
+    scores: np.ndarray | None,
+    index: np.ndarray,
+) -> list[dict[str, Any]]:
+    """The result rows of the prompts balance kept, as plain Python values (JSON-ready); `index` points
+    into the input, so a caller can join the rows back to its own records."""
+    return [
+        {
+            "prompt": texts[j],
+            "category": categories[j],
+            "cluster": int(cluster[j]),
+            "quality": None if scores is None else float(scores[j]),
+            "index": int(index[j]),
+        }
+        for j in kept
+    ]
+
+
 def curate(
     prompts: Sequence[str],
     *,
@@ -76,94 +213,35 @@ def curate(
 ) -> CurationResult:
     """Curates `prompts` (strings); see the module docstring for the steps. `progress` shows a bar over
     the steps (embedding and clustering take minutes on large prompt sets)."""
-    for i, p in enumerate(prompts):
-        if not isinstance(p, str):
-            raise TypeError(f"curate: prompt {i} is a {type(p).__name__}, not a string")
-    if isinstance(n_clusters, int):
-        levels: tuple[int, ...] = (n_clusters,)
-    else:
-        levels = tuple(int(k) for k in n_clusters)
-    if not levels or any(k <= 0 for k in levels):
-        raise ValueError(f"curate: n_clusters must be a positive int or a sequence of them, got {n_clusters!r}")
+    levels = _check_args(prompts, n_clusters)
     counts = {"input": len(prompts)}
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    clock = _StepClock(progress)
 
-    steps = ("exact_dedup", "embed", "dedup", "diversity", "quality", "tag", "balance")
-    bar = Progress(len(steps)) if progress else None
-
-    def lap(step: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[step] = round(now - clock, 3)
-        clock = now
-        if bar is not None:
-            bar.update(steps.index(step) + 1, f"curate: {step} ({len(index)} prompts)")
-
-    seen: set[str] = set()
-    idx = []
-    for i, p in enumerate(prompts):
-        key = text_key(p)
-        if key and key not in seen:  # empty prompts go here too: nothing to augment
-            seen.add(key)
-            idx.append(i)
-    index = np.asarray(idx, np.int64)
+    index = _exact_dedup(prompts)
     counts["after_exact_dedup"] = len(index)
-    lap("exact_dedup")
-
-    emb = normalize_rows(embedder.embed([prompts[i] for i in index])) if len(index) else np.zeros((0, 1), np.float32)
-    if len(emb) != len(index):
-        raise ValueError(f"curate: the embedder returned {len(emb)} rows for {len(index)} prompts")
-    lap("embed")
+    clock.lap("exact_dedup", len(index))
+    emb = _embed(prompts, index, embedder)
+    clock.lap("embed", len(index))
     keep = dedup_mask(emb, dedup_threshold)
     index, emb = index[keep], emb[keep]
     counts["after_dedup"] = len(index)
-    lap("dedup")
-
-    cluster = np.zeros(len(index), np.int64)
-    if len(index):
-        km = kmeans(emb, levels[0], seed=seed) if len(levels) == 1 else hierarchical_kmeans(emb, levels, seed=seed)
-        cluster = km.labels
-        if per_cluster is not None:
-            pick = select_per_cluster(emb, km.labels, km.centroids, per_cluster, how=select)
-            index, emb, cluster = index[pick], emb[pick], cluster[pick]
+    clock.lap("dedup", len(index))
+    index, emb, cluster = _diversify(index, emb, levels, per_cluster, select, seed)
     counts["after_diversity"] = len(index)
-    lap("diversity")
-
-    scores = None
-    counts["unscored"] = 0
-    if quality is not None and len(index):
-        scores = np.asarray(quality.score([prompts[i] for i in index]), np.float32)
-        if scores.shape != (len(index),):
-            raise ValueError(f"curate: quality returned shape {scores.shape} for {len(index)} prompts")
-        counts["unscored"] = int(np.isnan(scores).sum())
-        ok = ~np.isnan(scores)
-        if min_quality is not None:
-            ok &= np.nan_to_num(scores, nan=-np.inf) >= min_quality
-        index, emb, cluster, scores = index[ok], emb[ok], cluster[ok], scores[ok]
+    clock.lap("diversity", len(index))
+    index, emb, cluster, scores, counts["unscored"] = _quality_filter(
+        prompts, index, emb, cluster, quality, min_quality
+    )
     counts["after_quality"] = len(index)
-    lap("quality")
-
+    clock.lap("quality", len(index))
     texts = [prompts[i] for i in index]
-    categories = list(tagger.tag(texts, emb)) if tagger is not None and len(texts) else [templates.OTHER] * len(texts)
-    if len(categories) != len(texts):
-        raise ValueError(f"curate: the tagger returned {len(categories)} tags for {len(texts)} prompts")
-    lap("tag")
+    categories = _tag(texts, emb, tagger)
+    clock.lap("tag", len(index))
     kept = balance(categories, balance_cap, scores)
     counts["after_balance"] = len(kept)
-    lap("balance")
+    clock.lap("balance", len(index))
 
-    rows = [
-        {
-            "prompt": texts[j],
-            "category": categories[j],
-            "cluster": int(cluster[j]),
-            "quality": None if scores is None else float(scores[j]),
-            "index": int(index[j]),
-        }
-        for j in kept
-    ]
-    if bar is not None:
-        bar.close()
-    log.info("curate: kept %s; seconds %s", counts, seconds)
-    return CurationResult(rows, counts, seconds)
+    rows = _rows(kept, texts, categories, cluster, scores, index)
+    clock.close()
+    log.info("curate: kept %s; seconds %s", counts, clock.seconds)
+    return CurationResult(rows, counts, clock.seconds)
