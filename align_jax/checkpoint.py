@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from align_jax.config.deprecated import upgrade_saved
 from align_jax.errors import NotFoundError, UserError
 from align_jax.models.config import ModelConfig, from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
@@ -148,7 +149,8 @@ class Checkpointer:
     def read_config(self, step: int | None = None) -> dict:
         """The config saved with a step of this workdir (latest by default), without reading the state."""
         step = self.manager.latest_step() if step is None else step
-        return dict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config or {})
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return upgrade_saved(dict(out.config or {}))
 
     def wait(self) -> None:
         with self._save_errors(self._saving):
@@ -217,7 +219,7 @@ def read_config(workdir: str, step: int | None = None, *, what: str = "workdir")
     with open_reader(workdir, what) as mngr:
         step = mngr.latest_step() if step is None else step
         out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(out.config)
+        return upgrade_saved(dict(out.config))
 
 
 def restore_params(workdir: str, abstract_params: Any, step: int | None = None, key: str = "params") -> Any:
@@ -240,7 +242,7 @@ def decoder_key(saved: dict) -> str | None:
     config = saved.get("config", {})
     if config.get("stage") == "rm":
         return None
-    if config.get("stage") == "grpo" and config.get("grpo", {}).get("algorithm") == "ppo":
+    if config.get("stage") == "grpo" and config.get("algorithm") == "ppo":
         return "policy"
     return ""
 
@@ -301,7 +303,7 @@ def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
 # What a checkpoint's state is shaped by: resuming under other values cannot restore it. Everything else
 # in the saved config may change on resume (train.steps grows; a learning rate is changed on purpose),
 # and a change is logged.
-_STATE_SHAPING = ("hf_model_config", "runtime.param_dtype", "config.stage", "config.grpo.algorithm")
+_STATE_SHAPING = ("hf_model_config", "runtime.param_dtype", "config.stage", "config.algorithm")
 # How a run reports, not what it trains: changes are not worth a warning.
 _REPORTING = ("train.steps", "train.progress", "train.log_every", "train.eval_every", "train.ckpt_every")
 

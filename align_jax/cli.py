@@ -64,8 +64,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     `app.run(main, flags_parser=cli.parse_flags)`."""
     from absl import flags
 
+    from align_jax.config.deprecated import rewrite_flags
+
     try:
-        return flags.FLAGS(argv)
+        return flags.FLAGS(rewrite_flags(argv))
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         inner: object = e
         while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError("'k'\nDid you mean"))

@@ -36,7 +36,7 @@ def get_config(arg: str = "tiny"):
         c.model.dtype = "float32"
         c.model.scan_unroll = 4
         c.data.update(seq_len=256, batch_size=16, max_pairs=8)
-        c.dpo.update(loss_type="sigmoid", beta=0.1)
+        c.update(loss_type="sigmoid", beta=0.1)
         c.optim.update(lr=5e-4, warmup_steps=10, min_lr_ratio=0.1, weight_decay=0.0)
         c.train.update(steps=150, log_every=10, eval_every=50, ckpt_every=50)
     elif arg == "small30m":
@@ -55,7 +55,7 @@ def get_config(arg: str = "tiny"):
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=4096, batch_size=64, max_pairs=64)
-        c.dpo.update(loss_type="sigmoid", beta=0.1, reference="precomputed")
+        c.update(loss_type="sigmoid", beta=0.1, reference="precomputed")
         c.optim.update(lr=5e-7, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
         c.train.update(steps=1000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=100, ckpt_every=100)
         c.data.eval_batches = 20

@@ -3,12 +3,12 @@
     python launch/train.py --config configs/grpo.py:<preset> --workdir DIR --config.init_from=SFT_WORKDIR
 
 The policy and the frozen reference start from init_from. Each step samples group_size responses to
-each of batch_size / group_size prompts, scores them (config.grpo.rules, e.g. "exact_match:1.0", and/or
-config.grpo.rm_workdir), normalises returns within each group, and takes a clipped policy-gradient
+each of batch_size / group_size prompts, scores them (config.rules, e.g. "exact_match:1.0", and/or
+config.rm_workdir), normalises returns within each group, and takes a clipped policy-gradient
 step. The KL to the reference sits in the token-level reward by default (kl_mode=reward), exact over
 the reference's top-k logits (kl_estimator=topk, kl_topk=500), as in the report. Metrics: reward mean
 and std (and each rule's), KL, entropy, clip fraction, response length, and the rollout / log-probs /
-update time of every step. `--config.grpo.algorithm=ppo` runs PPO instead: a value model (init_from's
+update time of every step. `--config.algorithm=ppo` runs PPO instead: a value model (init_from's
 decoder + a fresh scalar head) trained beside the policy, KL in the per-token reward, GAE advantages,
 clipped value loss.
 
@@ -18,13 +18,13 @@ Presets:
              with its answer) and the exact_match rule; 16 prompts x 4 samples per step. 2-core CPU:
              ~50 s for 80 steps (0.55 s/step: rollout 0.35 s). Measured rewards rise clearly when the
              reward is learnable by a 0.8M-parameter model: with the demo reward model
-             (--config.grpo.rules= --config.grpo.rm_workdir=runs/rm-demo) the eval reward goes 1.23 ->
+             (--config.rules= --config.rm_workdir=runs/rm-demo) the eval reward goes 1.23 ->
              1.84 (steps 40 -> 80; train 0.77 -> 1.64), and `max_words` (limit 3) goes 0.38 -> 1.0 in 40
              steps; tests/test_grpo.py checks a format rule rising 0.09 -> 1.0. Exact match is
              hard for this model and does not rise clearly (eval 0.18 -> 0.27 -> 0.18 at steps 0 / 40 /
              80). The pipeline (configs/pipeline.py) runs GRPO on prompts with verifiable checks
              (demo:constraints_rl, rule `constraints`) plus the reward model and a PTX term.
-  llama3_8b  Llama-3-8B from an SFT workdir, with an RM workdir as the reward (--config.grpo.rm_workdir)
+  llama3_8b  Llama-3-8B from an SFT workdir, with an RM workdir as the reward (--config.rm_workdir)
              on your prompts (--config.data.train): 8x H100/H200 or TPU v5p-8, mesh fsdp=8, 64 prompts x
              3 samples, 512 new tokens. Estimate, not measured: rollout dominates (decode of 192 x 512
              tokens), then one update of ~192 x 1k tokens.
@@ -41,17 +41,17 @@ def get_config(arg: str = "tiny"):
         c.model.dtype = "float32"
         c.model.scan_unroll = 4
         c.data.update(seq_len=96, batch_size=64)
-        c.grpo.update(group_size=4, max_prompt_len=64, max_new_tokens=32, temperature=1.0, kl_coef=0.02)
+        c.update(group_size=4, max_prompt_len=64, max_new_tokens=32, temperature=1.0, kl_coef=0.02)
         # Per-sequence normalisation: with token-level sums, long wrong samples outweigh short right ones
         # and a tiny policy drifts toward answering nothing (measured: length 8 -> 1 in 30 steps at lr 1e-3).
-        c.grpo.update(rules="exact_match:1.0", eval_prompts=96, normalise="sequence")
+        c.update(rules="exact_match:1.0", eval_prompts=96, normalise="sequence")
         c.optim.update(lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
         c.train.update(steps=80, log_every=5, eval_every=40, ckpt_every=40)
     elif arg == "llama3_8b":
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=1024, batch_size=192)
-        c.grpo.update(group_size=3, max_prompt_len=512, max_new_tokens=512, kl_coef=0.05, rules="", rm_weight=1.0)
+        c.update(group_size=3, max_prompt_len=512, max_new_tokens=512, kl_coef=0.05, rules="", rm_weight=1.0)
         c.optim.update(lr=5e-7, warmup_steps=10, schedule="constant", weight_decay=0.0)
         c.train.update(steps=500, microbatches=8, log_every=1, eval_every=50, ckpt_every=50)
     else:

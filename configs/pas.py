@@ -2,7 +2,7 @@
 
     python launch/train.py --config configs/pas.py:<preset> --workdir DIR --config.init_from=MODEL
 
-Curates config.pas.prompts (embedding near-duplicate removal, k-means diversity selection, optional
+Curates config.prompts (embedding near-duplicate removal, k-means diversity selection, optional
 quality scores, category tags and caps), has a teacher write a complementary prompt for each (a judge
 marks each valid or invalid with a reason; invalid ones are regenerated), and trains the PAS model on
 (prompt -> complement) from init_from with the SFT stage's code (align_jax/stages/pas.py). Then
@@ -16,8 +16,8 @@ Presets:
              deliberately flawed drafts 15% of the time so the judge/regenerate loop runs. 2-core CPU:
              ~10 s of curation and complements, then ~1 min of training (150 steps).
   llama3_8b  A PAS model from an 8B SFT workdir or HF directory, with a teacher and judge LLM
-             (--config.pas.teacher=/models/TEACHER --config.pas.judge=/models/TEACHER) and your prompts
-             (--config.pas.prompts=prompts.jsonl); the report's PAS model is small, so this is the upper
+             (--config.teacher=/models/TEACHER --config.judge=/models/TEACHER) and your prompts
+             (--config.prompts=prompts.jsonl); the report's PAS model is small, so this is the upper
              end. 8x H100/H200: complements dominate (teacher decode), training is a short SFT run.
 """
 
@@ -26,12 +26,10 @@ from align_jax.config import base_config
 
 def get_config(arg: str = "tiny"):
     c = base_config("pas")
-    c.data.eval = ""  # the stage holds out config.pas.eval_fraction of the complements itself
+    c.data.eval = ""  # the stage holds out config.eval_fraction of the complements itself
     if arg == "tiny":
-        c.pas.update(prompts="demo:sft_train", embedder="hashed", dedup_threshold=0.9, n_clusters="128")
-        c.pas.update(
-            per_cluster=20, tagger="demo", balance_cap=500, teacher="template", judge="rule", max_new_tokens=48
-        )
+        c.update(prompts="demo:sft_train", embedder="hashed", dedup_threshold=0.9, n_clusters="128")
+        c.update(per_cluster=20, tagger="demo", balance_cap=500, teacher="template", judge="rule", max_new_tokens=48)
         c.model.dtype = "float32"
         c.model.scan_unroll = 4
         c.data.update(seq_len=256, batch_size=16, eval_batches=4)
@@ -39,8 +37,8 @@ def get_config(arg: str = "tiny"):
         c.train.update(steps=150, log_every=10, eval_every=50, ckpt_every=50)
     elif arg == "llama3_8b":
         # Replace the demo prompts and the template teacher/judge on the command line (see above).
-        c.pas.update(prompts="demo:sft_train", embedder="hashed", n_clusters="64,16", per_cluster=20)
-        c.pas.update(tagger="centroid", balance_cap=2000, teacher="template", judge="rule", max_new_tokens=96)
+        c.update(prompts="demo:sft_train", embedder="hashed", n_clusters="64,16", per_cluster=20)
+        c.update(tagger="centroid", balance_cap=2000, teacher="template", judge="rule", max_new_tokens=96)
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=1024, batch_size=64)

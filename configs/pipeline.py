@@ -21,8 +21,8 @@ Presets:
              recorded run and checked by CI).
   llama3_8b  The same stages for Llama-3-8B on your data (--config.init_from=/models/Meta-Llama-3-8B,
              --config.sft.data.train=..., --config.rm.data.train=..., --config.dpo.data.train=...,
-             --config.grpo.data.train=PROMPTS, --config.pas.pas.prompts=PROMPTS,
-             --config.pas.pas.teacher=/models/TEACHER_HF_DIR, --config.pas.pas.judge=same).
+             --config.grpo.data.train=PROMPTS, --config.pas.prompts=PROMPTS,
+             --config.pas.teacher=/models/TEACHER_HF_DIR, --config.pas.judge=same).
              8x H100/H200 or a TPU v5p-8; each stage's time is in its own config's docstring.
 """
 
@@ -54,21 +54,21 @@ def get_config(arg: str = "tiny"):
         c.sft.init_from = ""  # takes config.init_from
     for stage in ("pas", "rm", "dpo", "grpo"):
         c[stage].init_from = "stage:sft"
-    c.grpo.grpo.rm_workdir = "stage:rm"
+    c.grpo.rm_workdir = "stage:rm"
     if arg == "tiny":
         # SFT stops at 100 steps (the standalone demo trains 300, and then passes 99% of the demo's
         # constraint checks): the preference stages get something left to improve.
         c.sft.train.update(steps=100, eval_every=50, ckpt_every=50)
         # DPO with an NLL term on the chosen answers (RPO): plain DPO also lowers their likelihood, and the
         # 0.8M-parameter policy then degrades into repeated tokens on some prompts.
-        c.dpo.dpo.rpo_alpha = 1.0
+        c.dpo.rpo_alpha = 1.0
         # GRPO on prompts with verifiable checks (the eval set's kinds, none of its prompts): reward = the
         # share of checks passed + the reward model, KL to the SFT model in the token reward, and the
         # report's PTX term (KL to the SFT model on SFT chats) against forgetting what RL does not sample.
         c.grpo.data.update(train="demo:constraints_rl", eval="demo:constraints_demo")
         # The checks weigh most: with the reward model at full weight the policy chases its preferences
         # (longer lists of real words) at the cost of the list-length check (measured 0.56 -> 0.28).
-        c.grpo.grpo.update(rules="constraints:4.0", rm_weight=0.25, ptx_coef=0.1, ptx_data="demo:sft_train")
+        c.grpo.update(rules="constraints:4.0", rm_weight=0.25, ptx_coef=0.1, ptx_data="demo:sft_train")
         c.grpo.train.steps = 120
 
     c.merge = ml_collections.ConfigDict()

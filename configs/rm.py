@@ -29,7 +29,7 @@ def get_config(arg: str = "tiny"):
     c = base_config("rm")
     c.data.train = "demo:pref_train"
     c.data.eval = "demo:pref_eval"
-    c.rm.update(margin=0.0, score_weight=0.1, center_weight=0.0)
+    c.update(margin=0.0, score_weight=0.1, center_weight=0.0)
     if arg == "tiny":
         c.model.dtype = "float32"  # CPU: bf16 matmuls are emulated and slower than fp32
         c.model.scan_unroll = 4

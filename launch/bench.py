@@ -69,45 +69,36 @@ def time_steps(step_fn, state, batches, n: int, warmup: int = 5) -> tuple[object
 
 
 def make_run(config, workdir: str):
-    """The stage's run object and its initial state (no checkpointer: nothing to resume)."""
-    from align_jax.stages import build
+    """The stage's run (built through its spec, as training builds it) and its initial state (no
+    checkpointer: nothing to resume; no start hook: DPO's precomputed reference log-probs of the timed
+    batches come from `with_reference_logps`, not from a pass over the dataset)."""
+    from align_jax import stages
+    from align_jax.stages import runner
 
-    if config.stage == "sft":
-        from align_jax.stages.sft import SFTRun
-
-        run = SFTRun(config, workdir)
-        return run, build.initial_state(run.setup, config, None, workdir)[0]
-    if config.stage == "rm":
-        from align_jax.stages.rm import RMRun
-
-        run = RMRun(config, workdir)
-        return run, run.initial_state(None)[0]
-    if config.stage == "dpo":
-        from align_jax.stages.dpo import DPORun
-
-        run = DPORun(config, workdir)
-        state = build.initial_state(run.setup, config, None, workdir)[0]
-        if run.ref_mode == "in_step":
-            state = run.with_reference(state)
-        return run, state
-    raise SystemExit(f"bench: stage {config.stage!r} is not benchmarked")
+    if config.stage not in ("sft", "rm", "dpo"):
+        raise SystemExit(f"bench: stage {config.stage!r} is not benchmarked")
+    run = runner.Run(stages.get(config.stage).spec, config, workdir)
+    return run, run.initial_state(None, start=False)[0]
 
 
 def with_reference_logps(run, state, batches: list) -> list:
     """Precomputed-reference batches: the reference is the initial policy, so its log-probs of the timed
     batches come from the state's params (what the cache would hold), without a pass over the dataset."""
-    fn = run.reference_logps_fn()
+    from align_jax.stages.dpo import reference_logps_fn
+
+    fn = reference_logps_fn(run)
     return [{**b, "ref_logps": fn(state.params, b)} for b in batches]
 
 
 def bench_stage(config, steps: int, workdir: str) -> dict:
     from align_jax.metrics import device_peak_flops
+    from align_jax.stages.dpo import reference_mode
     from align_jax.train import loop
 
     run, state = make_run(config, workdir)
     hosts = [next(run.train_iter) for _ in range(min(steps, 8))]
     batches = [run.global_batch(h) for h in hosts]
-    if getattr(run, "ref_mode", None) == "precomputed":
+    if config.stage == "dpo" and reference_mode(config) == "precomputed":
         batches = with_reference_logps(run, state, batches)
     stats = [loop.batch_stats(h) for h in hosts]
 
@@ -159,8 +150,8 @@ def bench_stage(config, steps: int, workdir: str) -> dict:
     if "pair_mask" in hosts[0]:
         out["pairs_per_s"] = float(np.mean([h["pair_mask"].sum() for h in hosts])) / step_s
     if config.stage == "dpo":
-        out["reference"] = run.ref_mode
-        out["loss_type"] = config.dpo.loss_type
+        out["reference"] = reference_mode(config)
+        out["loss_type"] = config.loss_type
     return out
 
 
@@ -170,7 +161,7 @@ def reference_comparison(config, steps: int, workdir: str) -> dict:
     for mode in ("in_step", "precomputed"):
         c = config.copy_and_resolve_references()
         c.unlock()
-        c.dpo.reference = mode
+        c.reference = mode
         r = bench_stage(c, steps, os.path.join(workdir, f"ref_{mode}"))
         out[mode] = {k: r[k] for k in ("step_s", "pairs_per_s", "tokens_per_s", "tflops_per_s", "mfu", "peak_bytes")}
     out["step_time_cut"] = 1.0 - out["precomputed"]["step_s"] / out["in_step"]["step_s"]
@@ -250,115 +241,6 @@ def remat_table(config, workdir: str) -> list[dict]:
     return rows
 
 
-class _NoTokenizer:
-    """Stands in for a tokenizer when only the model shape matters (fresh params, no text)."""
-
-    bos_token_id = eos_token_id = pad_token_id = None
-
-    def __len__(self) -> int:
-        return 0
-
-
-def best_times(fns, repeats: int) -> list[float]:
-    """The best wall time of each function, calls interleaved so that load changes hit all alike."""
-    for fn in fns:
-        fn()  # warm up (compile)
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times]
-
-
-def bench_generate(config, batch: int, prompt: int, new: int, repeats: int, compare_torch: bool) -> dict:
-    import align_jax as aj
-    from align_jax.generate import compile_count
-    from align_jax.stages import build
-
-    sharder = build.make_sharder(config)
-    cfg = build.model_config(config, _NoTokenizer())
-    cfg = cfg.replace(max_position_embeddings=max(cfg.max_position_embeddings, prompt + new))
-    params = aj.init_params(cfg, jax.random.key(0), sharder)
-    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(batch, prompt)).astype(np.int32)
-
-    def run(n):
-        out = aj.generate(cfg, params, prompts, max_new_tokens=n, eos_id=(), sharder=sharder)
-        return jax.block_until_ready(out)
-
-    before = compile_count()
-    t0 = time.perf_counter()
-    run(new)
-    compile_s = time.perf_counter() - t0
-    prefill_s, total_s = best_times([lambda: run(1), lambda: run(new)], repeats)
-    out = {
-        "mode": "generate",
-        "batch_size": batch,
-        "prompt_len": prompt,
-        "new_tokens": new,
-        "prefill_tokens_per_s": batch * prompt / prefill_s,
-        "decode_tokens_per_s": batch * (new - 1) / (total_s - prefill_s),
-        "generate_tokens_per_s": batch * new / total_s,
-        "prefill_s": prefill_s,
-        "total_s": total_s,
-        "compile_s": compile_s,
-        "n_compiles": compile_count() - before,  # 2 expected: one program for 1 new token, one for `new`
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_layers": cfg.num_layers,
-        "num_heads": cfg.num_heads,
-        "num_kv_heads": cfg.num_kv_heads,
-        "n_params": cfg.num_params(),
-        "dtype": cfg.dtype,
-        "devices": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-    }
-    if compare_torch:
-        out.update(bench_torch_generate(cfg, params, prompts, new, repeats, np.asarray(run(new).tokens)))
-        out["prefill_ratio_vs_torch"] = out["prefill_tokens_per_s"] / out["torch_prefill_tokens_per_s"]
-        out["decode_ratio_vs_torch"] = out["decode_tokens_per_s"] / out["torch_decode_tokens_per_s"]
-    return out
-
-
-def bench_torch_generate(cfg, params, prompts, new: int, repeats: int, ours) -> dict:
-    import torch
-    import transformers
-
-    import align_jax as aj
-
-    with tempfile.TemporaryDirectory() as d:
-        aj.save_pretrained(cfg, params, d)
-        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa")
-    model.eval()
-    ids = torch.as_tensor(prompts, dtype=torch.long)
-    mask = torch.ones_like(ids)
-
-    def run(n):
-        with torch.no_grad():
-            return model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-
-    prefill_s, total_s = best_times([lambda: run(1), lambda: run(new)], repeats)
-    theirs = run(new)[:, prompts.shape[1] :].numpy()
-    b, p = prompts.shape
-    return {
-        "torch_prefill_tokens_per_s": b * p / prefill_s,
-        "torch_decode_tokens_per_s": b * (new - 1) / (total_s - prefill_s),
-        "torch_generate_tokens_per_s": b * new / total_s,
-        "torch_threads": torch.get_num_threads(),
-        # Same weights, both fp32 greedy: the continuations agree up to float rounding at near-ties.
-        "torch_same_tokens": float(np.mean(theirs == ours)),
-    }
-
-
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -378,6 +260,8 @@ flags.mark_flags_as_required(["config"])
 
 
 def main_generate(config) -> int:
+    from bench_generate import bench_generate
+
     r = bench_generate(config, _GEN_BATCH.value, _GEN_PROMPT.value, _GEN_NEW.value, _GEN_REPEATS.value, _TORCH.value)
     line = (
         f"generate: batch {r['batch_size']}, prompt {r['prompt_len']}, {r['new_tokens']} new: prefill "

@@ -83,11 +83,11 @@ def test_preference_formats_match_the_loader():
 def test_dpo_config_rules():
     config = load_preset("dpo", "tiny")
     config.unlock()
-    config.dpo.loss_type = "kto"
+    config.loss_type = "kto"
     with pytest.raises(ConfigValueError, match="unpaired"):
         validate(config)
     config.data.unpaired = True
     validate(config)
-    config.dpo.loss_type = "dpo_typo"
-    with pytest.raises(ConfigValueError, match=r"dpo\.loss_type"):
+    config.loss_type = "dpo_typo"
+    with pytest.raises(ConfigValueError, match=r"config\.loss_type"):
         validate(config)

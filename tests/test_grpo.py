@@ -35,23 +35,21 @@ def grpo_config(sft_dir, **grpo):
     c = small("grpo", steps=4)
     c.init_from = sft_dir
     c.data.batch_size = 24  # 8 prompts x 3 samples: divides over the 8 test devices
-    c.grpo.update(group_size=3, max_prompt_len=64, max_new_tokens=8, eval_prompts=8, **grpo)
+    c.update(group_size=3, max_prompt_len=64, max_new_tokens=8, eval_prompts=8, **grpo)
     return c
 
 
 def test_grpo_steps_log_what_the_issue_asks_and_compile_once(sft_dir, tmp_path):
-    from align_jax.stages.grpo import GRPORun
+    from align_jax.stages import grpo, runner
 
     c = grpo_config(sft_dir, updates_per_rollout=2, kl_mode="reward", kl_estimator="topk", kl_topk=16)
     c.train.eval_every = 4
     work = str(tmp_path / "grpo")
-    r = GRPORun(c, work)
-    from align_jax.stages import runner
-
-    summary = runner.drive(r, r.initial_state, summary_extra=lambda: {"rollouts": r.rollouts})
+    r = runner.Run(grpo.spec, c, work)
+    summary = runner.drive(r)
     assert summary["final_step"] == 4 and summary["init"] == "init_from_workdir"
-    assert r.rollouts == 2  # two updates per rollout
-    assert r.train_step._cache_size() == 1  # responses of different lengths, one compiled update
+    assert summary["rollouts"] == 2  # two updates per rollout
+    assert r.step_fn._cache_size() == 1  # responses of different lengths, one compiled update
     rows = [x for x in read_metrics(work) if "loss" in x]
     for key in ("reward/mean", "reward/std", "reward/exact_match", "kl", "entropy", "clip_fraction",
                 "response_length", "time/rollout_s", "time/logprobs_s", "step_s", "grad_norm"):  # fmt: skip
@@ -77,7 +75,7 @@ def test_grpo_kl_modes(sft_dir, tmp_path, mode, estimator):
 
 def test_prompt_rows_are_checked(tmp_path):
     from align_jax.data.formats import BadRowError, Origin
-    from align_jax.stages.grpo import prompt_messages
+    from align_jax.data.prompts import prompt_messages
 
     assert prompt_messages({"prompt": "hi"}, None) == [{"role": "user", "content": "hi"}]
     with pytest.raises(BadRowError, match=r"rows\.jsonl.*prompt"):
@@ -109,15 +107,14 @@ def test_ppo_trains_a_value_model_beside_the_policy(sft_dir, tmp_path):
     import jax
 
     from align_jax.checkpoint import restore_params
-    from align_jax.stages import runner
-    from align_jax.stages.grpo import GRPORun
+    from align_jax.stages import grpo, runner
 
     c = grpo_config(sft_dir, algorithm="ppo", kl_estimator="k1", vf_coef=0.5)
     c.train.update(steps=3, ckpt_every=3)
     c.data.eval = ""
     work = str(tmp_path / "ppo")
-    r = GRPORun(c, work)
-    summary = runner.drive(r, r.initial_state)
+    r = runner.Run(grpo.spec, c, work)
+    summary = runner.drive(r)
     assert summary["final_step"] == 3
     rows = [x for x in read_metrics(work) if "loss" in x]
     assert all(np.isfinite(x["value_loss"]) and np.isfinite(x["loss"]) for x in rows)
@@ -139,7 +136,7 @@ def test_grpo_with_a_rule_reward_raises_it(sft_dir, tmp_path):
     c = grpo_config(sft_dir, rules="format", rule_kwargs='{"format": {"pattern": "^[A-Z]"}}', kl_coef=0.0)
     c.train.steps = 30
     c.optim.lr = 3e-2
-    c.data.batch_size, c.grpo.group_size = 32, 4
+    c.data.batch_size, c.group_size = 32, 4
     work = str(tmp_path / "grpo")
     stages.get("grpo").run(c, work)
     rewards = [r["reward/mean"] for r in read_metrics(work) if "reward/mean" in r]
@@ -148,9 +145,8 @@ def test_grpo_with_a_rule_reward_raises_it(sft_dir, tmp_path):
 
 
 def test_grpo_samples_from_pas_augmented_prompts_in_one_call_per_rollout(sft_dir, tmp_path):
-    from align_jax.pas.augment import Augmenter, register_grpo_augmenter
-    from align_jax.stages import grpo
-    from align_jax.stages.grpo import GRPORun
+    from align_jax.pas.augment import AUGMENTERS, Augmenter, register_grpo_augmenter
+    from align_jax.stages import grpo, runner
 
     class ScriptedPAS:  # the PAS model's part: a complement per prompt, and a record of each call
         def __init__(self):
@@ -165,10 +161,11 @@ def test_grpo_samples_from_pas_augmented_prompts_in_one_call_per_rollout(sft_dir
     try:
         c = grpo_config(sft_dir, augment="pas-scripted")
         c.train.steps = 2
-        r = GRPORun(c, str(tmp_path / "grpo"))
+        r = runner.Run(grpo.spec, c, str(tmp_path / "grpo"))
         state, _, _ = r.initial_state(None)
-        prompts, *_ = r.sample(r.policy_params(state), r.prompts.take(8), 3, greedy=True, seed=0)
+        rollouts = r.spec.next_batch.__self__  # the spec's hooks are the stage's Rollouts
+        prompts, *_ = rollouts.sample(rollouts.policy(state), rollouts.prompts.take(8), 3, greedy=True, seed=0)
         assert len(pas_model.calls) == 1 and len(pas_model.calls[0]) == 8  # one batched call for 8 prompts
         assert all(p[-1]["content"].endswith("\n\nAnswer briefly.") for p in prompts) and len(prompts) == 24
     finally:
-        grpo.AUGMENTERS.pop("pas-scripted", None)
+        AUGMENTERS.pop("pas-scripted", None)

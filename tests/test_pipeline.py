@@ -24,9 +24,9 @@ def tiny_pipeline():
         c[name].data.update(seq_len=128, batch_size=8, eval_batches=1)
         c[name].train.update(steps=4, **QUIET)
     c.sft.train.steps = 8
-    c.pas.pas.update(max_prompts=400, n_clusters="8", per_cluster=10, balance_cap=0)
+    c.pas.update(max_prompts=400, n_clusters="8", per_cluster=10, balance_cap=0)
     c.grpo.data.batch_size = 24  # 8 prompts x 3 samples over the 8 test devices
-    c.grpo.grpo.update(group_size=3, max_prompt_len=64, max_new_tokens=8, eval_prompts=8, ptx_batch_size=8)
+    c.grpo.update(group_size=3, max_prompt_len=64, max_new_tokens=8, eval_prompts=8, ptx_batch_size=8)
     c.eval.update(num_reward_prompts=8, limit=16, max_new_tokens=8, ppl_batches=1, batch_size=8, seq_len=128)
     return c
 
@@ -87,7 +87,7 @@ def test_tiny_pipeline_runs_every_stage_writes_the_report_and_skips_what_is_done
     # Other settings for a stage that already trained: an error that says what differs, before any work.
     c = tiny_pipeline()
     c.dpo.train.steps = 6
-    c.dpo.dpo.beta = 0.5
+    c.dpo.beta = 0.5
     with pytest.raises(ValueError, match=r"dpo.beta: 0.1 -> 0.5.*delete it to retrain the dpo stage"):
         stages.get("pipeline").run(c, work)
 
@@ -99,7 +99,7 @@ def test_pipeline_config_is_checked_before_anything_runs():
     with pytest.raises(ConfigValueError, match="each stage at most once"):
         validate(c)
     c.stages = "sft,dpo"
-    c.dpo.dpo.beta = -1.0
+    c.dpo.beta = -1.0
     with pytest.raises(ConfigValueError, match=r"config.dpo: config.dpo.beta must be positive"):
         validate(c)
 

@@ -45,11 +45,14 @@ def test_rm_from_sft_workdir_learns_and_scores(sft_dir, tmp_path):
     from align_jax.data import preference
     from align_jax.eval.reward import RewardScorer
     from align_jax.losses.reward import pair_rewards
-    from align_jax.stages.rm import RMRun
+    from align_jax.models.apply import apply_fn
+    from align_jax.models.heads import ScalarModel
+    from align_jax.stages import rm, runner
+    from align_jax.stages.pairs import data_config
 
     c = small("rm", steps=40)
     c.init_from = sft_dir
-    c.rm.score_weight = 0.1
+    c.score_weight = 0.1
     c.optim.update(lr=3e-3, warmup_steps=5)
     c.train.eval_every = 40
     work = str(tmp_path / "rm")
@@ -63,15 +66,19 @@ def test_rm_from_sft_workdir_learns_and_scores(sft_dir, tmp_path):
 
     # The scorer reads the same reward as training: the last target token of prompt + response.
     scorer = RewardScorer.load(work)
-    run = RMRun(c, str(tmp_path / "rm_again"))
+    run = runner.Run(rm.spec, c, str(tmp_path / "rm_again"))
     import jax
 
     from align_jax.checkpoint import restore_params
 
     params = restore_params(work, run.setup.abstract_params)
-    data_cfg = dict(run.data_cfg, batch_size=8, seq_len=256)  # long enough that no pair is truncated
+    data_cfg = dict(data_config(c), batch_size=8, seq_len=256)  # long enough that no pair is truncated
     batch = next(iter(preference.make_preference_iterator(data_cfg, run.tokenizer, split="eval")))
-    rc, rr = jax.device_get(jax.jit(lambda p, b: pair_rewards(p, b, model=run.model))(params, batch))
+    rc, rr = jax.device_get(
+        jax.jit(lambda p, b: pair_rewards(p, b, apply_fn=apply_fn(ScalarModel(run.model_cfg, run.sharder))))(
+            params, batch
+        )
+    )
     with open(os.path.join(ROOT, "align_jax", "data", "demo", "pref_eval.jsonl")) as f:
         raw = [json.loads(line) for line in f]
     ids = batch["example_id"][batch["pair_mask"] > 0][:4]
@@ -87,7 +94,7 @@ def test_dpo_precomputed_reference_equals_in_step_and_reuses_its_cache(sft_dir, 
     for mode in ("in_step", "precomputed", "precomputed"):
         c = small("dpo", steps=4)
         c.init_from = sft_dir
-        c.dpo.update(reference=mode, ref_cache_dir=cache)
+        c.update(reference=mode, ref_cache_dir=cache)
         c.train.eval_every = 4
         work = str(tmp_path / f"dpo_{mode}_{len(got)}")
         summary = stages.get("dpo").run(c, work)
@@ -139,7 +146,7 @@ def test_other_objectives_train(sft_dir, tmp_path, loss_type):
     c = small("dpo", steps=3)
     c.init_from = sft_dir
     c.data.eval = ""
-    c.dpo.loss_type = loss_type
+    c.loss_type = loss_type
     if loss_type == "kto":
         c.data.unpaired = True
     summary = stages.get("dpo").run(c, str(tmp_path / loss_type))

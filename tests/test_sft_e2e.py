@@ -117,8 +117,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_no_recompilation_on_mixed_length_data(tmp_path):
-    from align_jax.stages import build
-    from align_jax.stages.sft import SFTRun
+    from align_jax.stages import runner, sft
     from tests.test_configs import load_preset
 
     config = load_preset("sft", "tiny")
@@ -126,14 +125,14 @@ def test_no_recompilation_on_mixed_length_data(tmp_path):
     config.model.update(hidden_size=32, intermediate_size=64, num_layers=1)
     config.data.update(seq_len=64, batch_size=8)
     config.train.steps = 20
-    r = SFTRun(config, str(tmp_path))
+    r = runner.Run(sft.spec, config, str(tmp_path))
 
-    state, _, _ = build.initial_state(r.setup, config, None, str(tmp_path))
+    state, _, _ = r.initial_state(None)
     r.start_feed()
     fills = set()
     try:
         for _ in range(20):
-            batch, stats = r.next_batch()
+            batch, stats = r.next_batch(state)
             fills.add(stats["real_tokens"])
             state, metrics = r.step_fn(state, batch)
         jax.block_until_ready(metrics)

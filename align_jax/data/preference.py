@@ -44,7 +44,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from align_jax.config import resolve_data_path
 from align_jax.data.formats import BadRowError, Message, Origin
 from align_jax.data.packing import FIELDS, OVER_LONG, PackingStats, Row, assign_rows, empty_rows, layout_row
 from align_jax.data.pipeline import (
@@ -63,6 +62,7 @@ from align_jax.data.preference_formats import (
 )
 from align_jax.data.sources import RowSource, open_source
 from align_jax.data.tokenize import TemplateError, end_of_turn_ids, tokenize_chat
+from align_jax.workdir import resolve_data_path
 
 PAIR_FIELDS = ("pair_mask", "example_id", "chosen_score", "rejected_score", "score_mask", "kto_label")
 PREF_BATCH_FIELDS = (*FIELDS, *PAIR_FIELDS)

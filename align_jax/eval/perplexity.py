@@ -19,12 +19,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from align_jax.config import resolve_data_path
 from align_jax.data import pipeline
 from align_jax.losses.sft import sft_loss
+from align_jax.models.apply import apply_fn
 from align_jax.models.config import ModelConfig
 from align_jax.models.transformer import Decoder
 from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules
+from align_jax.workdir import resolve_data_path
 
 
 def _data_parallel_size(sharding: jax.sharding.NamedSharding) -> int:
@@ -37,7 +38,7 @@ def _data_parallel_size(sharding: jax.sharding.NamedSharding) -> int:
 def _loss_step(model_cfg: ModelConfig, sharder: Sharder, loss_chunk: int):
     # Cached: a pipeline evaluates every stage's checkpoint of one model shape, and each would
     # otherwise compile the same step again.
-    loss = functools.partial(sft_loss, model=Decoder(model_cfg, sharder), loss_chunk=loss_chunk)
+    loss = functools.partial(sft_loss, apply_fn=apply_fn(Decoder(model_cfg, sharder)), loss_chunk=loss_chunk)
     return jax.jit(lambda p, b: loss(p, b, None))
 
 

@@ -111,7 +111,7 @@ def win_rate(
 def load_prompts(path: str, limit: int | None = None) -> list[Prompt]:
     """Prompts from a JSONL file whose rows have a `prompt` (a string or messages: preference rows,
     RL prompts, constraint prompt sets) or `messages` (a chat, cut before its last assistant turn)."""
-    from align_jax.config import resolve_data_path
+    from align_jax.workdir import resolve_data_path
 
     path = resolve_data_path(path)
     out: list[Prompt] = []

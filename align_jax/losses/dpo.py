@@ -24,10 +24,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from align_jax.losses import preference as formulas
 from align_jax.losses.pairs import pair_metrics, sequence_logps, split_pairs
+from align_jax.models.apply import ApplyFn
 
 REFERENCE_FREE = ("simpo", "orpo")
 LOSS_TYPES = (*formulas.DPO_LOSS_TYPES, *REFERENCE_FREE, "kto")
@@ -64,10 +64,10 @@ class Objective:
         return self.loss_type == "kto"
 
 
-def reference_logps(batch: dict[str, jax.Array], frozen: Any, *, model: nn.Module, loss_chunk: int) -> jax.Array:
+def reference_logps(batch: dict[str, jax.Array], frozen: Any, *, apply_fn: ApplyFn, loss_chunk: int) -> jax.Array:
     """[B, 2P] reference log-prob sums: from the frozen params, else precomputed in the batch."""
     if frozen is not None:
-        logps, _ = sequence_logps(frozen, batch, model=model, loss_chunk=loss_chunk)
+        logps, _ = sequence_logps(frozen, batch, apply_fn=apply_fn, loss_chunk=loss_chunk)
         return jax.lax.stop_gradient(logps)
     if "ref_logps" not in batch:
         raise ValueError("the objective needs reference log-probs: give frozen params or batch['ref_logps']")
@@ -79,15 +79,15 @@ def preference_loss(
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     objective: Objective,
     loss_chunk: int = 0,
     frozen: Any = None,
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple]]:
     del rng
     o = objective
-    logps, counts = sequence_logps(params, batch, model=model, loss_chunk=loss_chunk)
-    ref = reference_logps(batch, frozen, model=model, loss_chunk=loss_chunk) if o.needs_reference else None
+    logps, counts = sequence_logps(params, batch, apply_fn=apply_fn, loss_chunk=loss_chunk)
+    ref = reference_logps(batch, frozen, apply_fn=apply_fn, loss_chunk=loss_chunk) if o.needs_reference else None
     m = batch["pair_mask"].astype(jnp.float32)
     n = m.sum()
     pc, pr = split_pairs(logps)

@@ -13,9 +13,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from align_jax.losses.sft import target_mask, token_stats
+from align_jax.models.apply import ApplyFn
 
 
 def num_pairs(batch: dict[str, jax.Array]) -> int:
@@ -34,12 +34,12 @@ def split_pairs(x_BS: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def sequence_logps(
-    params: Any, batch: dict[str, jax.Array], *, model: nn.Module, loss_chunk: int = 0
+    params: Any, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, loss_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of target-token log-probs, number of target tokens), each float32 [B, 2P] per segment.
 
     Targets are the `loss_mask` tokens (the response); the prompt is context only."""
-    nll, _, _ = token_stats(params, batch, model=model, loss_chunk=loss_chunk)
+    nll, _, _ = token_stats(params, batch, apply_fn=apply_fn, loss_chunk=loss_chunk)
     mask = target_mask(batch).astype(jnp.float32)  # [B, T-1], about token t+1
     onehot = segment_onehot(batch["segment_ids"][:, 1:], 2 * num_pairs(batch))
     logps = jnp.einsum("bt,bts->bs", -nll * mask, onehot)

@@ -17,14 +17,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 
 from align_jax.losses.pairs import last_target_index, split_pairs, values_at
+from align_jax.models.apply import ApplyFn, forward
 
 
-def pair_rewards(params: Any, batch: dict[str, jax.Array], *, model: nn.Module) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(params: Any, batch: dict[str, jax.Array], *, apply_fn: ApplyFn) -> tuple[jax.Array, jax.Array]:
     """(chosen rewards, rejected rewards), each float32 [B, P], from one packed forward pass."""
-    values = model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
+    values = forward(apply_fn, params, batch)
     return split_pairs(values_at(values, last_target_index(batch)))
 
 
@@ -33,14 +33,14 @@ def reward_loss(
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     margin: float = 0.0,
     score_weight: float = 0.0,
     center_weight: float = 0.0,
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple]]:
     """Summed per-pair loss and the number of pairs (the step divides once)."""
     del rng
-    rc, rr = pair_rewards(params, batch, model=model)
+    rc, rr = pair_rewards(params, batch, apply_fn=apply_fn)
     m = batch["pair_mask"].astype(jnp.float32)
     bt = -jax.nn.log_sigmoid(rc - rr - margin)
     per_pair = bt

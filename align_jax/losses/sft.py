@@ -6,7 +6,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
+
+from align_jax.models.apply import ApplyFn
 
 
 def target_mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -60,9 +61,10 @@ def token_nll(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, 
     return nll, logz
 
 
-def lm_head_weight(params: Any, tie_word_embeddings: bool) -> jax.Array:
-    """[E, V]: the LM head's kernel, or the transposed embedding table when they are tied."""
-    return params["embed"]["embedding"].T if tie_word_embeddings else params["lm_head"]["kernel"]
+def lm_head_weight(params: Any) -> jax.Array:
+    """[E, V]: the LM head's kernel, or the transposed embedding table when they are tied (a decoder with
+    tied embeddings has no lm_head params)."""
+    return params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
 
 
 def chunked_token_stats(
@@ -86,7 +88,7 @@ def chunked_token_stats(
 
 
 def token_stats(
-    params: Any, batch: dict[str, jax.Array], *, model: nn.Module, loss_chunk: int = 0
+    params: Any, batch: dict[str, jax.Array], *, apply_fn: ApplyFn, loss_chunk: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(nll, logZ, correct), each float32 [B, T-1]: entry t is about predicting token t+1 from position t.
 
@@ -96,13 +98,13 @@ def token_stats(
     targets = tokens[:, 1:]
     t = tokens.shape[1] - 1
     if loss_chunk and t > loss_chunk:
-        hidden = model.apply({"params": params}, tokens, positions, segments, return_hidden=True)[:, :-1]
+        hidden = apply_fn(params, tokens, positions, segments, return_hidden=True)[:, :-1]
         pad = -t % loss_chunk  # the last chunk is padded; padded positions carry no target
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        w = lm_head_weight(params, model.cfg.tie_word_embeddings)
+        w = lm_head_weight(params)
         stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk)
         return tuple(x[:, :t] for x in stats)
-    logits = model.apply({"params": params}, tokens, positions, segments)[:, :-1]
+    logits = apply_fn(params, tokens, positions, segments)[:, :-1]
     return token_xent(logits, targets)
 
 
@@ -111,13 +113,13 @@ def sft_loss(
     batch: dict[str, jax.Array],
     rng: jax.Array,
     *,
-    model: nn.Module,
+    apply_fn: ApplyFn,
     z_loss: float = 0.0,
     loss_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array, dict[str, tuple[jax.Array, jax.Array]]]:
     """Summed NLL of the target tokens, and their count (see `token_stats` for `loss_chunk`)."""
     del rng  # deterministic: no dropout in these models
-    nll, logz, correct = token_stats(params, batch, model=model, loss_chunk=loss_chunk)
+    nll, logz, correct = token_stats(params, batch, apply_fn=apply_fn, loss_chunk=loss_chunk)
     mask = target_mask(batch).astype(jnp.float32)
     n = mask.sum()
     nll_sum = (nll * mask).sum()

@@ -27,7 +27,7 @@ Pipeline, end to end (every name below is importable from `align_jax.pas`):
     aug = Augmenter.load("runs/pas")                            # Augmenter(chat_model, max_new_tokens=64,
     aug.augment(["What is 2 plus 3?"])                          #   template="{prompt}\\n\\n{complement}")
     aug.augment_messages(messages)                              # last user turn augmented
-    register_grpo_augmenter("pas", aug)                         # config.grpo.augment = "pas"
+    register_grpo_augmenter("pas", aug)                         # config.augment = "pas"
 
 Command line: `python launch/augment.py --pas WORKDIR --input prompts.jsonl --output out.jsonl`.
 

@@ -3,7 +3,7 @@
     aug = Augmenter.load("runs/pas-sft")                # the PAS model's SFT workdir (or an HF dir)
     aug.augment(["What is 2 plus 3?"])                  # -> ["What is 2 plus 3?\n\nGive the final result ..."]
     aug.augment_messages([{"role": "user", "content": "..."}])     # last user turn augmented
-    register_grpo_augmenter("pas", aug)                 # then config.grpo.augment = "pas"
+    register_grpo_augmenter("pas", aug)                 # then config.augment = "pas"
 
 The PAS model sees exactly its training chat (templates.pas_messages: PAS_SYSTEM + the prompt) and
 writes a complement, which is joined to the prompt by `template` ("{prompt}\n\n{complement}" by
@@ -18,7 +18,7 @@ Greedy complements (temperature 0, the default) are cached by prompt text, so a 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from align_jax.pas import templates
@@ -59,7 +59,7 @@ class Augmenter:
             # A pas stage's workdir: complements as long as the ones it was trained on.
             saved = checkpoint.read_config(pas_workdir, step).get("config", {})
             if saved.get("stage") == "pas":
-                kwargs["max_new_tokens"] = int(saved["pas"]["max_new_tokens"])
+                kwargs["max_new_tokens"] = int(saved["max_new_tokens"])
         return cls(ChatModel.load(pas_workdir, step=step, batch_size=batch_size, dtype=dtype), **kwargs)
 
     def complements(self, prompts: Sequence[str]) -> list[str]:
@@ -110,13 +110,16 @@ class Augmenter:
         return self.augment_conversations([messages])[0]
 
 
-def register_grpo_augmenter(name: str, augmenter: Augmenter | str, *, replace: bool = False) -> None:
-    """Adds `name` to align_jax.stages.grpo.AUGMENTERS (fn(prompt messages, row) -> prompt messages), so
-    a GRPO run with config.grpo.augment = name samples responses to the augmented prompts. `augmenter`
-    may be a PAS workdir, loaded here."""
-    from align_jax.stages import grpo
+# Prompt augmentation before GRPO samples: name -> fn(prompt messages, row) -> prompt messages, optionally
+# with a `batch(list of messages, rows) -> list of messages` attribute for one call per rollout. "none"
+# leaves prompts as they are; `pas:WORKDIR` (see `augmenter`) loads a trained pas stage's model.
+AUGMENTERS: dict[str, Callable[[list[dict], Mapping[str, Any]], list[dict]]] = {"none": lambda prompt, row: prompt}
 
-    if name in grpo.AUGMENTERS and not replace:
+
+def register_grpo_augmenter(name: str, augmenter: Augmenter | str, *, replace: bool = False) -> None:
+    """Adds `name` to AUGMENTERS, so a GRPO run with config.augment = name samples responses to the
+    augmented prompts. `augmenter` may be a PAS workdir, loaded here."""
+    if name in AUGMENTERS and not replace:
         raise ValueError(f"GRPO augmenter {name!r} is already registered; pass replace=True to replace it")
     aug = Augmenter.load(augmenter) if isinstance(augmenter, str) else augmenter
 
@@ -125,7 +128,16 @@ def register_grpo_augmenter(name: str, augmenter: Augmenter | str, *, replace: b
 
     # A rollout's prompts in one batched PAS call instead of one generate call per prompt.
     hook.batch = lambda prompts, rows: aug.augment_conversations(prompts)  # type: ignore[attr-defined]
-    grpo.AUGMENTERS[name] = hook
+    AUGMENTERS[name] = hook
+
+
+def augmenter(name: str) -> Callable[[list[dict], Mapping[str, Any]], list[dict]]:
+    """The registered augmenter `name`; "pas:WORKDIR" registers a trained pas stage's model on first use."""
+    if name.startswith("pas:") and name not in AUGMENTERS:
+        register_grpo_augmenter(name, name[len("pas:") :])
+    if name not in AUGMENTERS:
+        raise ValueError(f"config.augment={name!r}; registered augmenters: {sorted(AUGMENTERS)}")
+    return AUGMENTERS[name]
 
 
 def augment_rows(augmenter: Augmenter, rows: Sequence[Mapping[str, Any]], *, where: str = "input") -> list[dict]:

@@ -19,23 +19,24 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from align_jax import checkpoint
-from align_jax.config import resolve_data_path
+from align_jax.config.sections import mesh_shape
 from align_jax.errors import NotFoundError
 from align_jax.models.config import RUNTIME_FIELDS, ModelConfig, to_hf_dict
 from align_jax.models.hf import abstract_params
 from align_jax.models.transformer import boxed_init
 from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules, tree_shardings
+from align_jax.stages.spec import Context, ParamsInit
 from align_jax.train.optim import make_optimizer
 from align_jax.train.state import TrainState
-from align_jax.workdir import TOKENIZER_DIR
+from align_jax.workdir import TOKENIZER_DIR, resolve_data_path
 
 log = logging.getLogger(__name__)
 
 
 def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
-    mesh = make_mesh({ax: int(config.mesh[ax]) for ax in config.mesh})
+    mesh = make_mesh(mesh_shape(config))
     rules = dict(normalize_rules(None))
-    rules.update(normalize_rules(config.rules))
+    rules.update(normalize_rules(config.mesh.rules))
     sharder = Sharder(mesh, tuple(rules.items()))
     # Each microbatch is split over the batch axes; say so now rather than fail in batch assembly.
     axes = rules.get("activation_batch") or ()
@@ -142,6 +143,23 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str):
         shutil.rmtree(saved, ignore_errors=True)
         os.replace(tmp, saved)
     return tok
+
+
+def context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+    """What every stage is built on: the workdir, the run's tokenizer, the mesh, the model config."""
+    os.makedirs(workdir, exist_ok=True)
+    tokenizer = load_tokenizer(config, workdir)
+    sharder = make_sharder(config)
+    return Context(config, workdir, tokenizer, sharder, model_config(config, tokenizer))
+
+
+def decoder_params(ctx: Context) -> ParamsInit:
+    """A decoder's params: the model config's architecture, fresh or init_from's."""
+    cfg, sharder = ctx.model_cfg, ctx.sharder
+    return ParamsInit(
+        boxed_abstract=abstract_params(cfg, sharder),
+        fresh=lambda rng: nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder)),
+    )
 
 
 @dataclasses.dataclass

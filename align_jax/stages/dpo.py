@@ -10,6 +10,7 @@ disk (align_jax/reference.py), and the step carries no reference at all. Referen
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -20,21 +21,23 @@ import jax
 import ml_collections
 
 from align_jax import reference
-from align_jax.config import resolve_data_path
+from align_jax.batch import PAIR_BATCH, REFERENCE_LOGPS, BatchSpec
 from align_jax.losses.dpo import Objective, preference_loss
 from align_jax.losses.pairs import sequence_logps
 from align_jax.metrics import flops_per_token
+from align_jax.models.apply import apply_fn
 from align_jax.models.config import to_hf_dict
 from align_jax.models.transformer import Decoder
 from align_jax.stages import build, runner
-from align_jax.stages.pairs import PairRun
-from align_jax.train.step import make_train_step
+from align_jax.stages.pairs import PairData, pair_data
+from align_jax.stages.spec import Context, StageSpec
+from align_jax.workdir import resolve_data_path
 
 log = logging.getLogger(__name__)
 
 
 def objective_of(config: ml_collections.ConfigDict) -> Objective:
-    d = config.dpo
+    d = config
     return Objective(
         loss_type=d.loss_type,
         beta=float(d.beta),
@@ -47,128 +50,110 @@ def objective_of(config: ml_collections.ConfigDict) -> Objective:
     )
 
 
-class DPORun(PairRun):
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        super().__init__(config, workdir)
-        self.objective = objective_of(config)
-        self.ref_mode = config.dpo.reference if self.objective.needs_reference else "none"
-        self.model = Decoder(self.model_cfg, self.sharder)
-        self.setup = build.setup_state(self.model_cfg, self.sharder, config)
-        self.loss_chunk = int(config.train.loss_chunk)
-        self.loss_fn = functools.partial(
-            preference_loss, model=self.model, objective=self.objective, loss_chunk=self.loss_chunk
-        )
-        state_shardings = self.setup.state_shardings
-        if self.ref_mode == "in_step":
-            state_shardings = state_shardings.replace(frozen=self.setup.param_shardings)
-        self.batch_shardings = self.shard_batches()
-        self.step_fn = make_train_step(
-            self.loss_fn,
-            self.setup.optimizer,
-            microbatches=int(config.train.microbatches),
-            state_shardings=state_shardings,
-            batch_shardings=self.batch_shardings,
-        )
-        ps = self.setup.param_shardings
-        if self.ref_mode == "in_step":
-            self.eval_step = jax.jit(
-                lambda params, frozen, batch: self.loss_fn(params, batch, jax.random.key(0), frozen=frozen),
-                in_shardings=(ps, ps, self.batch_shardings),
-            )
-        else:
-            self.eval_step = jax.jit(
-                lambda params, batch: self.loss_fn(params, batch, jax.random.key(0)),
-                in_shardings=(ps, self.batch_shardings),
-            )
-        self.ref_seconds = 0.0
-        self.ref_cache: dict[str, str] = {}
+def reference_mode(config: ml_collections.ConfigDict) -> str:
+    """in_step | precomputed | none (a reference-free objective)."""
+    return config.reference if objective_of(config).needs_reference else "none"
 
-    def fields(self) -> tuple[str, ...]:
-        extra = ("ref_logps",) if self.ref_mode == "precomputed" else ()
-        return (*super().fields(), *extra)
 
-    def eval_args(self, state: Any) -> tuple:
-        return (state.params, state.frozen) if self.ref_mode == "in_step" else (state.params,)
+def reference_logps_fn(run: runner.Run):
+    """jit (params, batch without ref_logps) -> [B, 2P] response log-prob sums: what the cache holds."""
+    loss_chunk = int(run.config.train.loss_chunk)
+    return jax.jit(
+        lambda p, b: sequence_logps(
+            p, b, apply_fn=apply_fn(Decoder(run.model_cfg, run.sharder)), loss_chunk=loss_chunk
+        )[0],
+        in_shardings=(run.setup.param_shardings, PAIR_BATCH.shardings(run.sharder)),
+    )
 
-    # -- the reference -----------------------------------------------------------------------------
 
-    def with_reference(self, state: Any) -> Any:
-        """Attaches what the objective needs of the reference: its params (in_step) or its cached
-        log-probs on every batch (precomputed)."""
-        if self.ref_mode == "in_step":
-            ref = build.init_from_params(self.setup, self.config)
-            # Separate buffers: the step donates the state, and the policy may still alias init_from's arrays.
-            return state.replace(frozen=jax.tree.map(lambda x: x.copy(), ref))
-        if self.ref_mode == "precomputed":
-            self.attach_precomputed()
-        return state
+@dataclasses.dataclass
+class PrecomputedReference:
+    """`dpo.reference = "precomputed"`: the reference's log-probs of every train and eval pair, computed
+    once (or read from the cache) when the run starts, then attached to each batch as `ref_logps`."""
 
-    def reference_logps_fn(self):
-        """jit (params, batch without ref_logps) -> [B, 2P] response log-prob sums: what the cache holds."""
-        return jax.jit(
-            lambda p, b: sequence_logps(p, b, model=self.model, loss_chunk=self.loss_chunk)[0],
-            in_shardings=(self.setup.param_shardings, self.setup.batch_shardings(super().fields())),
-        )
+    data: PairData
+    seconds: float = 0.0
+    cache: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def cache_key(self) -> str:
-        c = self.config
-        settings = {k: self.data_cfg.get(k) for k in ("format", "seq_len", "over_long", "unpaired")}
+    def cache_key(self, run: runner.Run) -> str:
+        c, cfg = run.config, run.model_cfg
+        settings = {k: self.data.cfg.get(k) for k in ("format", "seq_len", "over_long", "unpaired")}
         return reference.cache_key(
-            tokenizer=reference.tokenizer_fingerprint(self.tokenizer),
+            tokenizer=reference.tokenizer_fingerprint(run.tokenizer),
             settings=settings,
-            reference=reference.reference_fingerprint(c.init_from, int(c.seed), to_hf_dict(self.model_cfg)),
-            dtype=(self.model_cfg.param_dtype, self.model_cfg.dtype),
+            reference=reference.reference_fingerprint(c.init_from, int(c.seed), to_hf_dict(cfg)),
+            dtype=(cfg.param_dtype, cfg.dtype),
         )
 
-    def attach_precomputed(self) -> None:
+    def table(self, run: runner.Run, split: str, spec: str, key: str, logps_fn: list) -> Any:
+        """The split's cached table, or computed now (the reference params are loaded on first need)."""
         from align_jax.data import preference
 
-        key = self.cache_key()
-        logps_fn = None
-        splits = [("train", self.config.data.train)]
-        if self.eval_batches is not None:
-            splits.append(("eval", self.config.data.eval))
-        tables = {}
-        units = 2 if self.config.data.unpaired else 1
-        for split, spec in splits:
-            split_key = reference.cache_key(base=key, data=reference.data_fingerprint(resolve_data_path(spec)))
-            path = reference.cache_path(self.config.dpo.ref_cache_dir, split_key, split)
-            table = reference.load_table(path)
-            if table is None:
-                if logps_fn is None:
-                    t0 = time.perf_counter()
-                    ref_params = build.init_from_params(self.setup, self.config)
-                    logps_fn = functools.partial(self.reference_logps_fn(), ref_params)
-                    self.ref_seconds -= t0 - time.perf_counter()
-                t0 = time.perf_counter()
-                batches = preference.make_preference_iterator(
-                    self.data_cfg, self.tokenizer, split=f"all_{split}", score_stats=self.score_stats
-                )
-                table = reference.compute_table(batches, batches.num_rows, logps_fn, self.global_batch, units)
-                reference.save_table(path, table)
-                self.ref_seconds += time.perf_counter() - t0
-                log.info("dpo: reference log-probs of the %s split cached in %s", split, path)
-            else:
-                log.info("dpo: reference log-probs of the %s split from the cache %s", split, path)
-            tables[split] = table
-            self.ref_cache[split] = os.path.abspath(path)
-        self.train_iter = reference.WithReference(self.train_iter, tables["train"], self.config.data.train, units)
-        if self.eval_batches is not None:
-            self.eval_batches = reference.WithReference(self.eval_batches, tables["eval"], self.config.data.eval, units)
+        split_key = reference.cache_key(base=key, data=reference.data_fingerprint(resolve_data_path(spec)))
+        path = reference.cache_path(run.config.ref_cache_dir, split_key, split)
+        self.cache[split] = os.path.abspath(path)
+        table = reference.load_table(path)
+        if table is not None:
+            log.info("dpo: reference log-probs of the %s split from the cache %s", split, path)
+            return table
+        t0 = time.perf_counter()
+        if not logps_fn:
+            logps_fn.append(functools.partial(reference_logps_fn(run), run.reference_params()))
+        batches = preference.make_preference_iterator(
+            self.data.cfg, run.tokenizer, split=f"all_{split}", score_stats=self.data.score_stats
+        )
+        units = 2 if run.config.data.unpaired else 1
+        table = reference.compute_table(batches, batches.num_rows, logps_fn[0], run.global_batch, units)
+        reference.save_table(path, table)
+        self.seconds += time.perf_counter() - t0
+        log.info("dpo: reference log-probs of the %s split cached in %s", split, path)
+        return table
 
-    def flops_per_token(self, avg_context: float) -> float:
-        f = flops_per_token(self.model_cfg, avg_context)
-        if self.ref_mode == "in_step":
-            f += flops_per_token(self.model_cfg, avg_context, backward=False)
+    def start(self, run: runner.Run, state: Any) -> Any:
+        key, logps_fn, c = self.cache_key(run), [], run.config
+        units = 2 if c.data.unpaired else 1
+        table = self.table(run, "train", c.data.train, key, logps_fn)
+        run.train_iter = reference.WithReference(run.train_iter, table, c.data.train, units)
+        if run.eval_batches is not None:
+            table = self.table(run, "eval", c.data.eval, key, logps_fn)
+            run.eval_batches = reference.WithReference(run.eval_batches, table, c.data.eval, units)
+        return state
+
+
+def spec(ctx: Context) -> StageSpec:
+    c = ctx.config
+    objective, mode = objective_of(c), reference_mode(c)
+    data = pair_data(ctx)
+    params = build.decoder_params(ctx)
+    params.reference = mode == "in_step"
+    loss = functools.partial(
+        preference_loss,
+        apply_fn=apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),
+        objective=objective,
+        loss_chunk=int(c.train.loss_chunk),
+    )
+    precomputed = PrecomputedReference(data) if mode == "precomputed" else None
+
+    def flops(avg_context: float) -> float:
+        f = flops_per_token(ctx.model_cfg, avg_context)
+        if mode == "in_step":  # + the reference's forward
+            f += flops_per_token(ctx.model_cfg, avg_context, backward=False)
         return f
 
+    def summary() -> dict:
+        return {**data.summary(), "reference": mode, "ref_cache": precomputed.cache if precomputed else {}}
 
-@runner.locked
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    r = DPORun(config, workdir)
+    return StageSpec(
+        batch=BatchSpec.of(PAIR_BATCH.fields, REFERENCE_LOGPS) if precomputed else PAIR_BATCH,
+        loss_fn=loss,
+        params=params,
+        train_data=data.train,
+        eval_data=data.eval,
+        flops_per_token=flops,
+        weight_name="pairs",
+        start=precomputed.start if precomputed else None,
+        summary=summary,
+    )
 
-    def init(checkpointer):
-        state, data_state, how = build.initial_state(r.setup, config, checkpointer, workdir)
-        return r.with_reference(state), data_state, how
 
-    return runner.drive(r, init, summary_extra={**r.summary_extra(), "reference": r.ref_mode, "ref_cache": r.ref_cache})
+run = runner.stage(spec)

@@ -13,6 +13,7 @@ changed; the report (align_jax.eval.report) is rewritten every time.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -22,9 +23,8 @@ from typing import Any
 import ml_collections
 
 from align_jax import checkpoint
-from align_jax.config import resolve_data_path
 from align_jax.data.sources import iter_jsonl
-from align_jax.workdir import fingerprint
+from align_jax.workdir import fingerprint, resolve_data_path
 
 log = logging.getLogger(__name__)
 
@@ -89,112 +89,186 @@ def rm_metrics(rm_dir: str, pref_eval: str, limit: int) -> dict[str, float]:
     return {"rm/accuracy": scorer.accuracy(prompts, chosen, rejected), "rm/pairs": float(len(prompts))}
 
 
-def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, order: list[str]) -> dict:
-    from align_jax.chat import ChatModel
-    from align_jax.eval.report import write_report
-    from align_jax.eval.suite import evaluate_model
-    from align_jax.eval.winrate import load_prompts
-    from align_jax.metrics import Progress
-
-    e = config.eval
-    os.makedirs(workdir, exist_ok=True)
-    names = [n.strip() for n in str(e.models).split(",") if n.strip()]
+def _model_names(config: ml_collections.ConfigDict, order: list[str]) -> list[str]:
+    """The models to evaluate, from config.eval.models; checked before anything loads, since a typo
+    would otherwise surface only after minutes of loading the reward and PAS models."""
+    names = [n.strip() for n in str(config.eval.models).split(",") if n.strip()]
     for n in names:
         if n != "base" and n not in order:
             raise ValueError(f"config.eval.models names {n!r}, which is not in config.stages={config.stages!r}")
+    return names
+
+
+def _reward_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]:
+    """The reward model's directory and scorer ("" and None without config.eval.rm), loaded once for
+    every model's reward and win rate."""
+    e = config.eval
     rm_dir = resolve(e.rm, by="eval", key="rm") if e.rm else ""
     scorer = None
     if rm_dir:
         from align_jax.eval.reward import RewardScorer
 
         scorer = RewardScorer.load(rm_dir, dtype=e.dtype)
-    reward_prompts = load_prompts(e.reward_prompts, int(e.num_reward_prompts)) if e.reward_prompts else []
-    augment = None
+    return rm_dir, scorer
+
+
+def _pas_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]:
+    """The PAS model's directory and augmenter ("" and None without config.eval.pas), loaded once for
+    every model's constraint following on augmented prompts."""
+    e = config.eval
     pas_dir = resolve(e.pas, by="eval", key="pas") if e.pas else ""
+    augmenter = None
     if pas_dir:
         from align_jax.pas.augment import Augmenter
 
-        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.pas.max_new_tokens), dtype=e.dtype)
-        augment = augmenter.augment_messages
-    settings = {k: e[k] for k in sorted(e.keys()) if k != "models"}  # which models: not how they are measured
-    reference_name = e.reference if e.reference in names or e.reference in order else ""
-    reference = None
-    stage_metrics: dict[str, dict[str, float]] = {}
+        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.max_new_tokens), dtype=e.dtype)
+    return pas_dir, augmenter
 
-    batch = int(e.batch_size)
 
-    def load(name: str):
+@dataclasses.dataclass
+class _ModelEval:
+    """What every model's evaluation shares: the reward and PAS models, loaded once, the reward prompts,
+    and the eval settings. The win-rate reference is loaded on first need and then kept, so a run whose
+    results are all cached loads no model at all."""
+
+    config: ml_collections.ConfigDict
+    resolve: Any
+    rm_dir: str
+    scorer: Any
+    pas_dir: str
+    augmenter: Any
+    reward_prompts: list
+    settings: dict
+    reference_name: str
+    reference: Any = None
+
+    def load(self, name: str) -> Any:
+        """The model `name` as a ChatModel: "base" is the SFT stage's starting weights, any other name a
+        stage's workdir."""
+        from align_jax.chat import ChatModel
+
+        batch = int(self.config.eval.batch_size)
         if name == "base":
-            return base_model(config, resolve, batch)
-        return ChatModel.load(os.path.join(resolve.workdir, name), batch_size=batch, dtype=e.dtype)
+            return base_model(self.config, self.resolve, batch)
+        return ChatModel.load(os.path.join(self.resolve.workdir, name), batch_size=batch, dtype=self.config.eval.dtype)
 
-    sft_dir = os.path.join(resolve.workdir, "sft")
-    bar = Progress(len(names))  # evaluating a model takes minutes: say which one, and how far along
-    for i, name in enumerate(names, start=1):
-        where = os.path.join(resolve.workdir, name)
-        # A win rate needs a reward model to judge it: without one the reference is not compared.
-        compare = bool(scorer) and reference_name and name != reference_name and name != "base"
-        # What produced each number: the model's, the reference's, the RM's and the PAS model's outputs
-        # (fingerprints of their summaries and checkpoints), and the eval settings.
-        key = {
-            "model": fingerprint(where)
+    def compares(self, name: str) -> bool:
+        """Whether `name` gets a win rate: a win rate needs a reward model to judge it, so without one the
+        reference is not compared; nor is the reference with itself, nor the base."""
+        return bool(self.scorer) and bool(self.reference_name) and name != self.reference_name and name != "base"
+
+    def key(self, name: str, compare: bool) -> dict:
+        """What produced `name`'s numbers: the model's, the reference's, the RM's and the PAS model's
+        outputs (fingerprints of their summaries and checkpoints), and the eval settings; a cached result
+        with another key is measured again."""
+        config, workdir = self.config, self.resolve.workdir
+        sft_dir = os.path.join(workdir, "sft")
+        return {
+            "model": fingerprint(os.path.join(workdir, name))
             if name != "base"
             else [config.init_from, config.sft.init_from, int(config.sft.seed), fingerprint(sft_dir)],
-            "reference": fingerprint(os.path.join(resolve.workdir, reference_name)) if compare else None,
-            "rm": fingerprint(rm_dir) if rm_dir else None,
-            "pas": fingerprint(pas_dir) if pas_dir else None,
-            "settings": settings,
+            "reference": fingerprint(os.path.join(workdir, self.reference_name)) if compare else None,
+            "rm": fingerprint(self.rm_dir) if self.rm_dir else None,
+            "pas": fingerprint(self.pas_dir) if self.pas_dir else None,
+            "settings": self.settings,
         }
 
-        def compute(name=name, compare=compare):
-            nonlocal reference
-            if compare and reference is None:
-                reference = load(reference_name)
-            model = load(name)
-            log.info("eval: %s", name)
-            metrics = evaluate_model(
-                model,
-                constraints=e.constraints or None,
-                sft_eval=resolve_data_path(e.sft_eval) if e.sft_eval else None,
-                scorer=scorer,
-                reward_prompts=reward_prompts or None,
-                reference=reference if compare else None,
-                max_new_tokens=int(e.max_new_tokens),
-                limit=int(e.limit) or None,
-                seq_len=int(e.seq_len),
-                batch_size=int(e.batch_size),
-                ppl_batches=int(e.ppl_batches) or None,
-            )
-            if augment is not None and e.constraints:
-                from align_jax.eval.constraints import evaluate_constraints, load_prompt_set
+    def measure(self, name: str, compare: bool) -> dict:
+        """Loads and evaluates `name` (see the module doc), adding its PAS metrics when there is a PAS
+        model."""
+        from align_jax.eval.suite import evaluate_model
 
-                # One batched PAS call for the whole set; the per-prompt calls below then hit its cache.
-                rows = load_prompt_set(e.constraints, int(e.limit) or None)
-                augmenter.augment_conversations([r["prompt"] for r in rows])
+        e = self.config.eval
+        if compare and self.reference is None:
+            self.reference = self.load(self.reference_name)
+        model = self.load(name)
+        log.info("eval: %s", name)
+        metrics = evaluate_model(
+            model,
+            constraints=e.constraints or None,
+            sft_eval=resolve_data_path(e.sft_eval) if e.sft_eval else None,
+            scorer=self.scorer,
+            reward_prompts=self.reward_prompts or None,
+            reference=self.reference if compare else None,
+            max_new_tokens=int(e.max_new_tokens),
+            limit=int(e.limit) or None,
+            seq_len=int(e.seq_len),
+            batch_size=int(e.batch_size),
+            ppl_batches=int(e.ppl_batches) or None,
+        )
+        if self.augmenter is not None and e.constraints:
+            metrics.update(self.pas_metrics(model))
+        return metrics
 
-                pas = evaluate_constraints(
-                    model,
-                    e.constraints,
-                    max_new_tokens=int(e.max_new_tokens),
-                    limit=int(e.limit) or None,
-                    augment=augment,
-                )
-                metrics.update({f"pas/{k}": v for k, v in pas.items() if isinstance(v, int | float)})
-            return metrics
+    def pas_metrics(self, model: Any) -> dict:
+        """Constraint following on PAS-augmented prompts, under "pas/" names beside the plain ones."""
+        from align_jax.eval.constraints import evaluate_constraints, load_prompt_set
 
-        stage_metrics[name] = _cached(os.path.join(workdir, f"{name}.json"), key, compute)
+        e = self.config.eval
+        # One batched PAS call for the whole set; the per-prompt calls below then hit its cache.
+        rows = load_prompt_set(e.constraints, int(e.limit) or None)
+        self.augmenter.augment_conversations([r["prompt"] for r in rows])
+
+        pas = evaluate_constraints(
+            model,
+            e.constraints,
+            max_new_tokens=int(e.max_new_tokens),
+            limit=int(e.limit) or None,
+            augment=self.augmenter.augment_messages,
+        )
+        return {f"pas/{k}": v for k, v in pas.items() if isinstance(v, int | float)}
+
+
+def _evaluate_models(ev: _ModelEval, names: list[str], workdir: str) -> dict[str, dict[str, float]]:
+    """Each model's metrics, from WORKDIR/<name>.json when its key is unchanged, else measured and
+    stored there."""
+    from align_jax.metrics import Progress
+
+    stage_metrics: dict[str, dict[str, float]] = {}
+    bar = Progress(len(names))  # evaluating a model takes minutes: say which one, and how far along
+    for i, name in enumerate(names, start=1):
+        compare = ev.compares(name)
+        key = ev.key(name, compare)
+        stage_metrics[name] = _cached(
+            os.path.join(workdir, f"{name}.json"), key, lambda name=name, compare=compare: ev.measure(name, compare)
+        )
         bar.update(i, f"eval: {name}")
     bar.close()
+    return stage_metrics
+
+
+def _in_pipeline_order(stage_metrics: dict[str, dict[str, float]], order: list[str]) -> dict[str, dict[str, float]]:
+    """Columns in pipeline order (base first), so the report reads left to right as the stages ran;
+    names outside the pipeline (the RM's default "rm") go last."""
+    column_order = ["base", *order]
+    rank = {n: i for i, n in enumerate(column_order)}
+    return dict(sorted(stage_metrics.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+
+
+def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, order: list[str]) -> dict:
+    """Evaluates the models of config.eval.models and the reward model, keeping results in `workdir`
+    (the eval stage's), and rewrites the report; returns {"report": ..., "metrics": {name: metrics}}."""
+    from align_jax.eval.report import write_report
+    from align_jax.eval.winrate import load_prompts
+
+    e = config.eval
+    os.makedirs(workdir, exist_ok=True)
+    names = _model_names(config, order)
+    rm_dir, scorer = _reward_model(config, resolve)
+    reward_prompts = load_prompts(e.reward_prompts, int(e.num_reward_prompts)) if e.reward_prompts else []
+    pas_dir, augmenter = _pas_model(config, resolve)
+    settings = {k: e[k] for k in sorted(e.keys()) if k != "models"}  # which models: not how they are measured
+    reference_name = e.reference if e.reference in names or e.reference in order else ""
+    ev = _ModelEval(config, resolve, rm_dir, scorer, pas_dir, augmenter, reward_prompts, settings, reference_name)
+
+    stage_metrics = _evaluate_models(ev, names, workdir)
     if rm_dir:
         key = {"rm": fingerprint(rm_dir), "settings": settings}
         rm_name = e.rm[len("stage:") :] if e.rm.startswith("stage:") else "rm"
         stage_metrics[rm_name] = _cached(
             os.path.join(workdir, "rm.json"), key, lambda: rm_metrics(rm_dir, resolve_data_path(e.pref_eval), 0)
         )
-    # Columns in pipeline order (base first), so the report reads left to right as the stages ran.
-    column_order = ["base", *order]
-    rank = {n: i for i, n in enumerate(column_order)}
-    stage_metrics = dict(sorted(stage_metrics.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+    stage_metrics = _in_pipeline_order(stage_metrics, order)
     curves = {n: os.path.join(resolve.workdir, n) for n in order if n in ("sft", "pas", "rm", "dpo", "grpo")}
     report = write_report(resolve.workdir, stage_metrics, curves)
     return {"report": report, "metrics": stage_metrics}

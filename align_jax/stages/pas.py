@@ -2,7 +2,7 @@
 
     python launch/train.py --config configs/pas.py:tiny --workdir DIR --config.init_from=SFT_WORKDIR
 
-1. Curation (align_jax.pas.curate): read config.pas.prompts, embed, drop near-duplicates, cluster and
+1. Curation (align_jax.pas.curate): read config.prompts, embed, drop near-duplicates, cluster and
    keep the prompts nearest each centroid, optionally score quality, tag categories, cap each category.
 2. Complements (align_jax.pas.complement): the teacher writes one per prompt (few-shot per category),
    the judge marks each valid or invalid with a reason, invalid ones are regenerated up to
@@ -30,8 +30,9 @@ import numpy as np
 
 from align_jax import workdir as workdir_files
 from align_jax.checkpoint import checkpoint_dir
-from align_jax.config import ConfigValueError, resolve_data_path
+from align_jax.config import ConfigValueError
 from align_jax.stages import runner
+from align_jax.workdir import resolve_data_path
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _tagger(p: ml_collections.ConfigDict, embedder: Any):
     if p.tagger == "centroid":
         missing = [c for c in categories if c not in pas.DEMO_TAG_EXAMPLES]
         if missing:
-            raise ValueError(f"config.pas.tagger='centroid' has no example prompts for categories {missing}")
+            raise ValueError(f"config.tagger='centroid' has no example prompts for categories {missing}")
         return pas.CentroidTagger(embedder, {c: pas.DEMO_TAG_EXAMPLES[c] for c in categories})
     return pas.TeacherTagger(_model(p.tagger), categories)
 
@@ -77,7 +78,7 @@ def make_complements(config: ml_collections.ConfigDict, out_dir: str) -> dict:
     """Steps 1 and 2; returns the summary (counts, seconds, verdicts). Reuses finished outputs."""
     from align_jax import pas
 
-    p = config.pas
+    p = config
     recipe = {k: p[k] for k in RECIPE_KEYS} | {"seed": int(config.seed)}
     done = os.path.join(out_dir, "curation.json")
     if os.path.isfile(done):

@@ -30,6 +30,7 @@ from align_jax import stages as stage_modules
 from align_jax import workdir as workdir_files
 from align_jax.checkpoint import ResumeMismatchError
 from align_jax.config import PIPELINE_STAGES, ConfigValueError
+from align_jax.config.deprecated import upgrade_saved
 from align_jax.stages import runner
 from align_jax.workdir import config_diff, fingerprint
 
@@ -92,8 +93,10 @@ def check_stage_record(name: str, c: ml_collections.ConfigDict, workdir: str, in
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
+        # A record written before the config layout changed reads as the current layout.
+        old["settings"] = upgrade_saved({"config": old.get("settings", {})})["config"]
         if old != json.loads(json.dumps(record)):
-            changed = config_diff(old.get("settings", {}), record["settings"])
+            changed = config_diff(old.get("settings", {}), record["settings"], prefix=f"{name}.")
             inputs_changed = [k for k, v in record["inputs"].items() if old.get("inputs", {}).get(k) != v]
             raise ResumeMismatchError(
                 f"pipeline: {workdir} was trained with other settings or inputs (settings: {changed or 'same'}; "
@@ -115,12 +118,12 @@ def stage_config(config: ml_collections.ConfigDict, name: str, resolve: Resolver
         init_from = c.init_from or (config.init_from if name == "sft" else "")
         c.init_from = resolve(init_from, by=name, key="init_from")
         if name == "grpo":
-            c.grpo.rm_workdir = resolve(c.grpo.rm_workdir, by=name, key="grpo.rm_workdir")
-            if str(c.grpo.augment).startswith(REF):
-                c.grpo.augment = "pas:" + resolve(c.grpo.augment, by=name, key="grpo.augment")
+            c.rm_workdir = resolve(c.rm_workdir, by=name, key="rm_workdir")
+            if str(c.augment).startswith(REF):
+                c.augment = "pas:" + resolve(c.augment, by=name, key="augment")
         if name == "pas":
             for key in ("embedder", "teacher", "judge", "quality", "tagger"):
-                c.pas[key] = resolve(c.pas[key], by=name, key=f"pas.{key}")
+                c[key] = resolve(c[key], by=name, key=key)
     return c
 
 
@@ -128,9 +131,9 @@ def stage_inputs(name: str, c: ml_collections.ConfigDict) -> list[str]:
     """The workdirs (or HF directories) a training stage's result depends on."""
     paths = [c.init_from]
     if name == "grpo":
-        paths += [c.grpo.rm_workdir, c.grpo.augment[len("pas:") :] if c.grpo.augment.startswith("pas:") else ""]
+        paths += [c.rm_workdir, c.augment[len("pas:") :] if c.augment.startswith("pas:") else ""]
     if name == "pas":
-        paths += [c.pas[k] for k in ("embedder", "teacher", "judge", "quality", "tagger")]
+        paths += [c[k] for k in ("embedder", "teacher", "judge", "quality", "tagger")]
     return sorted({p for p in paths if p and os.path.isabs(p)})
 
 

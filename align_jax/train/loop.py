@@ -45,7 +45,7 @@ class LoopHooks:
     """What the loop needs from its stage."""
 
     step_fn: Callable[[Any, dict], tuple[Any, dict]]
-    next_batch: Callable[[], tuple[dict, dict]]  # -> (global batch, host-side stats of it)
+    next_batch: Callable[[Any], tuple[dict, dict]]  # train state -> (global batch, host-side stats of it)
     data_state: Callable[[], dict]
     evaluate: Callable[[Any], dict[str, float]] | None = None  # train state -> eval metrics
     flops_per_token: Callable[[float], float] | None = None  # avg causal context -> training FLOPs/token
@@ -116,7 +116,7 @@ def run(
     with _Preemption() as preemption:
         t_window = time.perf_counter()
         while step < cfg.total_steps:
-            batch, batch_stats = hooks.next_batch()
+            batch, batch_stats = hooks.next_batch(state)
             state, metrics = hooks.step_fn(state, batch)
             step += 1
             window.add(batch_stats)

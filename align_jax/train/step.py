@@ -122,3 +122,19 @@ def make_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=(0,) if donate else (),
     )
+
+
+def make_eval_step(
+    loss_fn: LossFn, *, state_shardings: Any = None, batch_shardings: Any = None
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[jax.Array, jax.Array, dict[str, tuple]]]:
+    """eval_step(state, batch) -> (loss_sum, weight, metric sums) of one batch, with the frozen reference
+    when the state carries one; the caller adds these up over the eval split and divides once. Nothing
+    is donated: the state goes on training."""
+
+    def eval_step(state: TrainState, batch: dict[str, jax.Array]):
+        kwargs = {} if state.frozen is None else {"frozen": state.frozen}
+        return loss_fn(state.params, batch, jax.random.key(0), **kwargs)
+
+    if state_shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(state_shardings, batch_shardings))

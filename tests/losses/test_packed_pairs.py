@@ -15,6 +15,7 @@ from align_jax.losses import preference as formulas
 from align_jax.losses.dpo import LOSS_TYPES, Objective, preference_loss
 from align_jax.losses.pairs import last_target_index, sequence_logps, split_pairs, values_at
 from align_jax.losses.reward import pair_rewards, reward_loss
+from align_jax.models.apply import apply_fn
 from align_jax.models.heads import ScalarModel
 from align_jax.models.transformer import Decoder
 from align_jax.train.optim import make_optimizer
@@ -77,7 +78,7 @@ def test_packed_logps_equal_each_sequence_alone(params):
     pairs = make_pairs(5)
     model = Decoder(CFG)
     packed = packed_batch([pairs[:3], pairs[3:]])
-    seq_logps = jax.jit(functools.partial(sequence_logps, model=model))
+    seq_logps = jax.jit(functools.partial(sequence_logps, apply_fn=apply_fn(model)))
     logps, counts = seq_logps(params, packed)
     for i, pair in enumerate(pairs):
         r, k = (0, i) if i < 3 else (1, i - 3)
@@ -101,7 +102,9 @@ def test_reward_at_last_token_under_packing_equals_unpacked():
     tokens = jnp.zeros((1, 8), jnp.int32)
     params = model.init(jax.random.key(1), tokens, jnp.broadcast_to(jnp.arange(8), (1, 8)), jnp.ones_like(tokens))
     params = params["params"]
-    rc, rr = jax.jit(functools.partial(pair_rewards, model=model))(params, packed_batch([pairs[:3], pairs[3:]]))
+    rc, rr = jax.jit(functools.partial(pair_rewards, apply_fn=apply_fn(model)))(
+        params, packed_batch([pairs[:3], pairs[3:]])
+    )
     apply = jax.jit(model.apply)
     for i, pair in enumerate(pairs):
         r, k = (0, i) if i < 3 else (1, i - 3)
@@ -130,10 +133,10 @@ def test_reward_loss_closed_form():
     params = model.init(jax.random.key(2), tokens, jnp.broadcast_to(jnp.arange(8), (1, 8)), jnp.ones_like(tokens))
     params = params["params"]
     batch = packed_batch([pairs], scores=(1.5, -0.5))
-    rc, rr = pair_rewards(params, batch, model=model)
+    rc, rr = pair_rewards(params, batch, apply_fn=apply_fn(model))
     rc, rr = np.asarray(rc[0, :2], np.float64), np.asarray(rr[0, :2], np.float64)
     loss_sum, n, metrics = jax.jit(
-        functools.partial(reward_loss, model=model, margin=0.3, score_weight=0.2, center_weight=0.05)
+        functools.partial(reward_loss, apply_fn=apply_fn(model), margin=0.3, score_weight=0.2, center_weight=0.05)
     )(params, batch, None)
     bt = np.log1p(np.exp(-(rc - rr - 0.3)))
     mse = (rc - 1.5) ** 2 + (rr + 0.5) ** 2
@@ -155,9 +158,9 @@ def test_precomputed_reference_equals_in_step(params, loss_type):
     model = Decoder(CFG)
     policy = jax.tree.map(lambda x: x * 1.01, params)  # a policy that moved away from the reference
     obj = Objective(loss_type=loss_type, beta=0.2, rpo_alpha=0.1)
-    fn = jax.jit(functools.partial(preference_loss, model=model, objective=obj))
+    fn = jax.jit(functools.partial(preference_loss, apply_fn=apply_fn(model), objective=obj))
     a = fn(policy, batch, None, frozen=params)
-    ref, _ = jax.jit(functools.partial(sequence_logps, model=model))(params, batch)
+    ref, _ = jax.jit(functools.partial(sequence_logps, apply_fn=apply_fn(model)))(params, batch)
     b = fn(policy, {**batch, "ref_logps": ref}, None)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-6)
@@ -170,10 +173,10 @@ def test_dpo_loss_on_packed_batch_matches_the_formula(params):
     model = Decoder(CFG)
     policy = jax.tree.map(lambda x: x * 0.98, params)
     loss_sum, _, metrics = preference_loss(
-        policy, batch, None, model=model, objective=Objective(beta=0.5), frozen=params
+        policy, batch, None, apply_fn=apply_fn(model), objective=Objective(beta=0.5), frozen=params
     )
-    pol, _ = sequence_logps(policy, batch, model=model)
-    ref, _ = sequence_logps(params, batch, model=model)
+    pol, _ = sequence_logps(policy, batch, apply_fn=apply_fn(model))
+    ref, _ = sequence_logps(params, batch, apply_fn=apply_fn(model))
     (pc, pr), (rc, rr) = split_pairs(pol), split_pairs(ref)
     sel = (slice(None), slice(0, 2))
     logits = (pc[sel] - pr[sel]) - (rc[sel] - rr[sel])
@@ -197,7 +200,7 @@ def test_dpo_step_moves_the_policy_and_never_the_reference(params):
     frozen = jax.tree.map(lambda x: x.copy(), params)
     before = jax.tree.map(np.asarray, frozen)
     state = TrainState.create(jax.tree.map(lambda x: x.copy(), params), tx, 0, frozen=frozen)
-    loss_fn = functools.partial(preference_loss, model=model, objective=Objective(beta=0.1))
+    loss_fn = functools.partial(preference_loss, apply_fn=apply_fn(model), objective=Objective(beta=0.1))
     step = make_train_step(loss_fn, tx, microbatches=2)
     margins = []
     for _ in range(5):

@@ -80,19 +80,19 @@ def test_augment_messages_keeps_earlier_turns():
 
 
 def test_grpo_hook():
-    from align_jax.stages import grpo
+    from align_jax.pas.augment import AUGMENTERS
 
     aug = Augmenter(ScriptedPAS())
     register_grpo_augmenter("pas-test", aug)
     try:
-        hook = grpo.AUGMENTERS["pas-test"]
+        hook = AUGMENTERS["pas-test"]
         assert hook([{"role": "user", "content": "q"}], {"prompt": "q"}) == [{"role": "user", "content": "q\n\nC:q"}]
         with pytest.raises(ValueError, match="already registered"):
             register_grpo_augmenter("pas-test", aug)
         register_grpo_augmenter("pas-test", Augmenter(ScriptedPAS(), template="{complement} {prompt}"), replace=True)
-        assert grpo.AUGMENTERS["pas-test"]([{"role": "user", "content": "q"}], {})[0]["content"] == "C:q q"
+        assert AUGMENTERS["pas-test"]([{"role": "user", "content": "q"}], {})[0]["content"] == "C:q q"
     finally:
-        grpo.AUGMENTERS.pop("pas-test", None)
+        AUGMENTERS.pop("pas-test", None)
 
 
 def test_augment_rows():

@@ -34,7 +34,7 @@ def hooks(on_step=None):
         new = state.replace(step=state.step + 1, params={"w": state.params["w"] + 1})
         return new, {"loss": jnp.float32(1.0 / n), "grad_norm": jnp.float32(0.5), "finite": jnp.int32(finite)}
 
-    def next_batch():
+    def next_batch(state):
         seg = np.ones((2, 8), np.int32)
         seg[1, 6:] = 0
         host = {"tokens": np.arange(16).reshape(2, 8), "segment_ids": seg}

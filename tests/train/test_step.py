@@ -13,6 +13,7 @@ import pytest
 
 import align_jax as aj
 from align_jax.losses.sft import sft_loss, token_xent
+from align_jax.models.apply import apply_fn
 from align_jax.models.transformer import Decoder
 from align_jax.train.optim import decay_mask, learning_rate_schedule, make_optimizer
 from align_jax.train.state import TrainState
@@ -71,7 +72,7 @@ def new_state(optimizer, sharder=aj.Sharder()):
 
 def one_step(batch, microbatches=1, sharder=aj.Sharder(), state_shardings=None):
     optimizer, _ = make_optimizer(OPTIM, total_steps=10)
-    loss_fn = functools.partial(sft_loss, model=Decoder(CFG, sharder))
+    loss_fn = functools.partial(sft_loss, apply_fn=apply_fn(Decoder(CFG, sharder)))
     step = make_train_step(loss_fn, optimizer, microbatches=microbatches, state_shardings=state_shardings, donate=False)
     state = new_state(optimizer, sharder)
     return step(state, batch)
@@ -129,7 +130,7 @@ def test_non_finite_step_keeps_params():
     optimizer, _ = make_optimizer(OPTIM, total_steps=10)
 
     def nan_loss(params, batch, rng):
-        loss_sum, w, m = sft_loss(params, batch, rng, model=Decoder(CFG))
+        loss_sum, w, m = sft_loss(params, batch, rng, apply_fn=apply_fn(Decoder(CFG)))
         return loss_sum * jnp.nan, w, m
 
     state = new_state(optimizer)
@@ -163,7 +164,7 @@ def test_sft_loss_closed_form_with_z_loss():
     """loss_sum = sum over targets of (logZ - logit[target]) + z * sum of logZ^2; weight = #targets."""
     batch = rows([[e] for e in examples(3, seed=5)], seq_len=12)
     params = aj.init_params(CFG, jax.random.key(1))
-    loss_sum, weight, metrics = sft_loss(params, batch, None, model=Decoder(CFG), z_loss=1e-3)
+    loss_sum, weight, metrics = sft_loss(params, batch, None, apply_fn=apply_fn(Decoder(CFG)), z_loss=1e-3)
     logits = np.asarray(aj.forward(CFG, params, batch["tokens"], batch["positions"], batch["segment_ids"]), np.float64)
     tokens, lm, seg = (np.asarray(batch[k]) for k in ("tokens", "loss_mask", "segment_ids"))
     nll = z = 0.0
@@ -213,7 +214,7 @@ def test_bf16_compute_keeps_fp32_master_weights():
     batch = rows([[e] for e in examples(4, seed=6)], seq_len=12)
     optimizer, _ = make_optimizer(OPTIM, total_steps=10)
     state = TrainState.create(aj.init_params(cfg, jax.random.key(0)), optimizer, seed=0)
-    step = make_train_step(functools.partial(sft_loss, model=Decoder(cfg)), optimizer, donate=False)
+    step = make_train_step(functools.partial(sft_loss, apply_fn=apply_fn(Decoder(cfg))), optimizer, donate=False)
     new, metrics = step(state, batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new.params))
     _, ref = one_step(batch)  # the same step in fp32
@@ -227,7 +228,7 @@ def test_chunked_loss_equals_full_and_saves_memory(tied):
     params = aj.init_params(cfg, jax.random.key(2))
 
     def run(chunk):
-        fn = functools.partial(sft_loss, model=Decoder(cfg), z_loss=1e-3, loss_chunk=chunk)
+        fn = functools.partial(sft_loss, apply_fn=apply_fn(Decoder(cfg)), z_loss=1e-3, loss_chunk=chunk)
         (loss_sum, (w, m)), g = jax.value_and_grad(
             lambda p: (lambda o: (o[0], (o[1], o[2])))(fn(p, batch, None)), has_aux=True
         )(params)
@@ -243,7 +244,7 @@ def test_chunked_loss_equals_full_and_saves_memory(tied):
     big = rows([[e] for e in examples(8, seed=8)], seq_len=256)
 
     def temp_bytes(chunk):
-        fn = functools.partial(sft_loss, model=Decoder(cfg), loss_chunk=chunk)
+        fn = functools.partial(sft_loss, apply_fn=apply_fn(Decoder(cfg)), loss_chunk=chunk)
         grad = jax.jit(jax.grad(lambda p, b: fn(p, b, None)[0]))
         return grad.lower(params, big).compile().memory_analysis().temp_size_in_bytes
 

@@ -1,0 +1,104 @@
+"""Config paths of the previous layout, accepted for one release with a deprecation warning.
+
+Until this release a stage's own settings sat in a section named after the stage, so a pipeline
+repeated it (`--config.grpo.grpo.kl_coef`), and the sharding rules were a top-level `rules`. Now a
+stage's own settings are the top level of its config (`--config.kl_coef` for a grpo run,
+`--config.grpo.kl_coef` in a pipeline) and the rules are `mesh.rules`. `rewrite_flags` rewrites old
+command-line paths (warning once per path); `upgrade_saved` reads a checkpoint's saved config of the old
+layout as the new one, so runs saved before the change still resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import os
+from typing import Any
+
+from align_jax.config.stage_sections import STAGE_SECTIONS
+
+log = logging.getLogger(__name__)
+
+OWN_SECTION_STAGES = tuple(s for s, (own, _) in STAGE_SECTIONS.items() if own is not None)  # rm dpo grpo pas
+
+
+def new_path(path: str, stage: str) -> str | None:
+    """The current spelling of a `--config.` path of a `stage` config (or pipeline), or None if current."""
+    parts = path.split(".")
+    if stage == "pipeline":
+        if len(parts) >= 3 and parts[0] == parts[1] and parts[0] in OWN_SECTION_STAGES:
+            return ".".join(parts[:1] + parts[2:])  # grpo.grpo.kl_coef -> grpo.kl_coef
+        if len(parts) == 2 and parts[1] == "rules" and parts[0] in STAGE_SECTIONS and parts[0] != "grpo":
+            return f"{parts[0]}.mesh.rules"  # grpo.rules is now the grpo stage's reward rules
+        return None
+    if len(parts) >= 2 and parts[0] == stage and stage in OWN_SECTION_STAGES:
+        return ".".join(parts[1:])  # grpo.kl_coef -> kl_coef
+    if parts == ["rules"] and stage != "grpo":
+        return "mesh.rules"
+    return None
+
+
+def config_stage(spec: str) -> str | None:
+    """The `stage` of a `--config=FILE[:ARG]` config file (None when it cannot be read here: absl then
+    reports the file's own error)."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        return None
+    try:
+        module_spec = importlib.util.spec_from_file_location("align_jax_config_probe", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+        return str(config.stage)
+    except Exception:  # any failure here is absl's to report, with its context
+        return None
+
+
+def rewrite_flags(argv: list[str]) -> list[str]:
+    """argv with deprecated `--config.` paths rewritten to the current ones, each with a warning."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if spec is None and "--config" in argv[:-1]:
+        spec = argv[argv.index("--config") + 1]
+    stage = config_stage(spec) if spec else None
+    if stage is None:
+        return argv
+    out = []
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key, value = arg[len("--config.") :].split("=", 1)
+            new = new_path(key, stage)
+            if new is not None:
+                log.warning(
+                    "--config.%s is deprecated (this spelling goes in the next release); use --config.%s", key, new
+                )
+                arg = f"--config.{new}={value}"
+        out.append(arg)
+    return out
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A checkpoint's saved {config, ...} of the previous layout, in the current one: the stage's own
+    section lifted to the top level, every other stage's section dropped (the old layout gave every stage
+    all of them), the sharding rules moved into mesh."""
+    config = saved.get("config")
+    if not isinstance(config, dict):
+        return saved
+    stage = config.get("stage")
+    sections = [s for s in OWN_SECTION_STAGES if isinstance(config.get(s), dict)]
+    old_rules = "rules" in config and not isinstance(config.get("rules"), str)  # grpo's reward rules are a str
+    if not sections and not old_rules:
+        return saved
+    saved = copy.deepcopy(saved)
+    config = saved["config"]
+    own = config.get(stage) if stage in sections else None
+    for name in sections:
+        config.pop(name)
+    if old_rules:
+        config.setdefault("mesh", {})["rules"] = config.pop("rules")
+    config.update(own or {})
+    return saved
+
+
+def upgrade_any(saved: Any) -> Any:
+    return upgrade_saved(saved) if isinstance(saved, dict) else saved

@@ -1,0 +1,240 @@
+"""GRPO's and PPO's rollouts: prompts -> sampled responses -> rewards -> a scored batch for the update.
+
+One rollout: `batch_size / group_size` prompts from the prompt stream (optionally augmented, the PAS
+hook) -> `group_size` samples each from the current policy (align_jax/generate.py) -> rewards (rules
+and/or a trained RM, align_jax/rewards.py) -> one teacher-forced pass of the policy and the frozen
+reference over the samples (the old log-probs and the per-token KL) -> advantages. The batch is reused
+for `updates_per_rollout` optimizer steps. Field meanings: align_jax/batch.py (ROLLOUT_FIELDS).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from align_jax.batch import TOKEN_FIELDS
+from align_jax.data.prompts import PromptStream, prompt_messages
+from align_jax.data.tokenize import end_of_turn_ids
+from align_jax.generate import generate
+from align_jax.losses import rl
+from align_jax.losses.grpo import reference_topk_of, score_samples
+from align_jax.models.apply import ApplyFn, forward
+from align_jax.models.config import ModelConfig
+from align_jax.sharding import Sharder
+from align_jax.train import loop
+
+
+def pad_last(x_BT1: jax.Array) -> jax.Array:
+    """[B, T-1] per-target values -> [B, T] (a zero last column), the shape every batch field has."""
+    return jnp.pad(jnp.asarray(x_BT1, jnp.float32), ((0, 0), (0, 1)))
+
+
+def kl_to_come(adv: np.ndarray, kl_tok: np.ndarray, mask: np.ndarray, kl_coef: float) -> np.ndarray:
+    """The report's KL in the token reward: token rewards -kl_coef * KL_t (+ the score at the end), so
+    the KL part of a token's return is the KL still to come. It joins the group-normalised score
+    unnormalised: normalising it with the scores would blow tiny KL differences between equally scored
+    samples up to +-1, and the policy would learn to stop early (less KL to sum) instead of to answer well."""
+    togo = np.flip(np.cumsum(np.flip(kl_tok, axis=1), axis=1), axis=1)
+    return adv - kl_coef * togo * mask
+
+
+class Rollouts:
+    """Makes GRPO/PPO batches from the current state (TrainState: policy params, frozen reference)."""
+
+    def __init__(
+        self,
+        g: ml_collections.ConfigDict,
+        *,
+        model_cfg: ModelConfig,
+        sharder: Sharder,
+        tokenizer: Any,
+        policy_fn: ApplyFn,
+        reward: Callable,
+        augment: Callable,
+        prompts: PromptStream,
+        ptx: Any = None,
+        value_fn: ApplyFn | None = None,
+        batch_size: int,
+        seed: int,
+    ):
+        self.g, self.model_cfg, self.sharder, self.tokenizer = g, model_cfg, sharder, tokenizer
+        self.reward, self.augment, self.prompts, self.ptx = reward, augment, prompts, ptx
+        self.batch_size, self.seed = batch_size, seed
+        self.ppo = value_fn is not None
+        self.eot_ids = sorted(end_of_turn_ids(tokenizer))
+        k = min(int(g.kl_topk), model_cfg.vocab_size)
+        self._score = jax.jit(functools.partial(score_samples, apply_fn=policy_fn, estimator=g.kl_estimator, topk=k))
+        self._ptx_ref = jax.jit(functools.partial(reference_topk_of, apply_fn=policy_fn, topk=k))
+        self._values = jax.jit(functools.partial(forward, value_fn)) if value_fn is not None else None
+        self.cached, self.left, self.count, self.metrics = None, 0, 0, {}
+
+    def policy(self, state: Any) -> Any:
+        return state.params["policy"] if self.ppo else state.params
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    def prompt_tokens(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[-int(self.g.max_prompt_len) :]
+
+    def augmented(self, rows: list[tuple[Any, Any]]) -> tuple[list[list[dict]], list[Any]]:
+        messages = [prompt_messages(raw, origin) for raw, origin in rows]
+        kept = [raw for raw, _ in rows]
+        # An augmenter with a `batch` method (the PAS model's) augments the whole rollout in one call.
+        batch_fn = getattr(self.augment, "batch", None)
+        if batch_fn is not None:
+            return batch_fn(messages, kept), kept
+        return [self.augment(m, raw) for m, raw in zip(messages, kept, strict=True)], kept
+
+    def sample(self, params, rows: list[tuple[Any, Any]], n: int, greedy: bool, seed: int):
+        """(prompts, rows, responses, host batch, response lengths) for n samples of each row's prompt."""
+        g = self.g
+        prompts, kept = self.augmented(rows)
+        prompts = [p for p in prompts for _ in range(n)]
+        kept = [r for r in kept for _ in range(n)]
+        out = generate(
+            self.model_cfg,
+            params,
+            [self.prompt_tokens(p) for p in prompts],
+            max_new_tokens=int(g.max_new_tokens),
+            temperature=0.0 if greedy else float(g.temperature),
+            top_k=int(g.top_k),
+            top_p=float(g.top_p),
+            eos_id=self.eot_ids,
+            seed=seed,
+            prompt_bucket=int(g.max_prompt_len),
+            sharder=self.sharder,
+        )
+        seqs, plen, glen = (np.asarray(jax.device_get(x)) for x in (out.sequences, out.prompt_lengths, out.lengths))
+        texts = self.decode(np.asarray(jax.device_get(out.tokens)), glen)
+        cols = np.arange(seqs.shape[1])[None, :]
+        end = (plen + glen)[:, None]
+        host = {
+            "tokens": np.where(cols < end, seqs, 0).astype(np.int32),
+            "positions": np.where(cols < end, cols, 0).astype(np.int32),
+            "segment_ids": (cols < end).astype(np.int32),
+            "loss_mask": ((cols >= plen[:, None]) & (cols < end)).astype(np.int32),
+        }
+        return prompts, kept, texts, host, glen
+
+    def decode(self, tokens: np.ndarray, glen: np.ndarray) -> list[str]:
+        texts = []
+        for i in range(tokens.shape[0]):
+            body = tokens[i, : glen[i]]
+            if glen[i] and body[-1] in self.eot_ids:
+                body = body[:-1]
+            texts.append(self.tokenizer.decode(body.tolist(), skip_special_tokens=True))
+        return texts
+
+    # -- the batch -----------------------------------------------------------------------------------
+
+    def next_batch(self, run: Any, state: Any) -> tuple[dict[str, jax.Array], dict]:
+        """The current rollout's batch, made anew every `updates_per_rollout` steps."""
+        if self.left == 0:
+            self.cached = self.rollout(run, state)
+            self.left = int(self.g.updates_per_rollout)
+        self.left -= 1
+        return self.cached
+
+    def rollout(self, run: Any, state: Any) -> tuple[dict[str, jax.Array], dict]:
+        n = int(self.g.group_size)
+        t0 = time.perf_counter()
+        rows = self.prompts.take(self.batch_size // n)
+        seed = int(np.random.default_rng([self.seed, self.count]).integers(2**31))
+        policy = self.policy(state)
+        prompts, kept, texts, host, glen = self.sample(policy, rows, n, greedy=False, seed=seed)
+        t1 = time.perf_counter()
+        scores, parts = self.reward(prompts, texts, kept)
+        batch = run.global_batch(host)
+        old_logp, ref_logp, kl = self._score(policy, state.frozen, batch)
+        mask = np.asarray(host["loss_mask"][:, 1:], np.float32)
+        kl_tok = np.asarray(jax.device_get(kl)) * mask
+        adv = self.advantages(state, batch, scores, kl_tok, mask)
+        adv = np.concatenate([adv, np.zeros((adv.shape[0], 1), np.float32)], axis=1)  # [B, T], like the tokens
+        batch.update(
+            old_logp=pad_last(old_logp),
+            ref_logp=pad_last(ref_logp),
+            advantages=run.global_batch({"a": adv.astype(np.float32)})["a"],
+        )
+        if self.ptx is not None:
+            batch.update(self.ptx_batch(run, state))
+        jax.block_until_ready(batch)
+        t2 = time.perf_counter()
+        self.count += 1
+        self.metrics = self.rollout_metrics(scores, parts, kl_tok, mask, glen, t1 - t0, t2 - t1)
+        return batch, loop.batch_stats(host)
+
+    def advantages(self, state, batch, scores, kl_tok, mask) -> np.ndarray:
+        """[B, T-1] per-token advantages: GRPO's group-normalised scores (KL to come inside, kl_mode =
+        reward), or PPO's whitened GAE advantages."""
+        g = self.g
+        if self.ppo:
+            return self.ppo_targets(state, batch, scores, kl_tok, mask)
+        adv = np.asarray(rl.group_advantages(jnp.asarray(scores), int(g.group_size), scale=g.advantage_scale))
+        adv = np.broadcast_to(adv[:, None], mask.shape) * mask
+        if g.kl_mode == "reward":
+            adv = kl_to_come(adv, kl_tok, mask, float(g.kl_coef))
+        return adv
+
+    def ppo_targets(self, state, batch, scores, kl_tok, mask) -> np.ndarray:
+        """PPO: token rewards (KL inside, score at the end), values of the old value model, GAE; stores the
+        returns and old values in the batch and returns the whitened advantages [B, T-1]."""
+        g = self.g
+        kl_coef = float(g.kl_coef) if g.kl_mode == "reward" else 0.0
+        m = jnp.asarray(mask)
+        rewards = rl.kl_in_reward(jnp.asarray(scores), jnp.asarray(kl_tok), m, kl_coef=kl_coef)
+        values = self._values(state.params["value"], batch)[:, :-1]  # state at t, before token t+1
+        adv, returns = rl.gae(rewards, values, m, gamma=float(g.gamma), lam=float(g.lam))
+        adv = rl.whiten(adv, m)
+        batch.update(returns=pad_last(returns), old_values=pad_last(values))
+        return np.asarray(adv)
+
+    def ptx_batch(self, run: Any, state: Any) -> dict[str, jax.Array]:
+        batch = run.global_batch(next(self.ptx))
+        out = {f"ptx_{k}": batch[k] for k in TOKEN_FIELDS}
+        if self.g.ptx_kind == "kl":
+            out["ptx_ref_values"], out["ptx_ref_indices"] = self._ptx_ref(state.frozen, batch)
+        return out
+
+    def rollout_metrics(self, scores, parts, kl_tok, mask, glen, sample_s: float, score_s: float) -> dict:
+        kl_seq = kl_tok.sum(axis=1)
+        return {
+            "reward/mean": float(scores.mean()),
+            "reward/std": float(scores.std()),
+            **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
+            "kl": float(kl_seq.sum() / max(mask.sum(), 1.0)),
+            "kl/sequence": float(kl_seq.mean()),
+            "response_length": float(glen.mean()),
+            "response_clipped": float((glen == int(self.g.max_new_tokens)).mean()),
+            "time/rollout_s": sample_s,
+            "time/logprobs_s": score_s,
+        }
+
+    # -- eval ----------------------------------------------------------------------------------------
+
+    def evaluate(self, rows: list[tuple[Any, Any]], state: Any) -> dict[str, float]:
+        """Greedy responses to the eval prompts: mean reward (and each part) and response length."""
+        bs = self.batch_size
+        totals, parts_sum, lengths, count = 0.0, {}, 0.0, 0
+        for lo in range(0, len(rows), bs):
+            chunk = rows[lo : lo + bs]
+            real = len(chunk)
+            chunk = chunk + [chunk[-1]] * (bs - real)  # a full batch: one compiled shape
+            prompts, kept, texts, _, glen = self.sample(self.policy(state), chunk, 1, greedy=True, seed=0)
+            scores, parts = self.reward(prompts[:real], texts[:real], kept[:real])
+            totals += float(scores.sum())
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v.sum())
+            lengths += float(glen[:real].sum())
+            count += real
+        out = {"eval_reward": totals / max(count, 1), "eval_response_length": lengths / max(count, 1)}
+        out.update({f"eval_reward/{k}": v / max(count, 1) for k, v in parts_sum.items()})
+        return out

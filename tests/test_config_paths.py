@@ -1,0 +1,85 @@
+"""A stage config holds its own keys once: shared sections + the stage's settings at its top level, so a
+pipeline never repeats a stage name; the previous spellings still work for one release, with a warning."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from align_jax.config import base_config, validate
+from align_jax.config.deprecated import new_path, rewrite_flags, upgrade_saved
+from tests.test_configs import load_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def leaves(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        out += leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+    return out
+
+
+def test_each_stage_holds_only_its_keys():
+    sft, dpo, grpo = (json.loads(base_config(s).to_json()) for s in ("sft", "dpo", "grpo"))
+    assert "beta" not in sft and "group_size" not in dpo and "beta" in dpo and "group_size" in grpo
+    assert "max_pairs" in dpo["data"] and "max_pairs" not in sft["data"] and "loss_on" in sft["data"]
+    assert not {"rm", "dpo", "grpo", "pas", "rules"} & set(sft)  # no other stage's section, rules in mesh
+    assert sft["mesh"]["rules"] == []
+    pipeline = json.loads(load_preset("pipeline", "tiny").to_json())
+    paths = leaves(pipeline)
+    # Was ~625 keys with every stage's settings in every stage; no path repeats its stage's name.
+    assert len(paths) < 400, len(paths)
+    assert not [p for p in paths if len(p.split(".")) > 2 and p.split(".")[0] == p.split(".")[1]]
+    assert "grpo.rm_workdir" in paths and "pas.prompts" in paths and "dpo.rpo_alpha" in paths
+
+
+@pytest.mark.parametrize(
+    ("stage", "old", "new"),
+    [
+        ("grpo", "grpo.kl_coef", "kl_coef"),
+        ("dpo", "dpo.beta", "beta"),
+        ("sft", "rules", "mesh.rules"),
+        ("grpo", "rules", None),  # a grpo config's `rules` are its reward rules now
+        ("grpo", "kl_coef", None),
+        ("pipeline", "grpo.grpo.rm_workdir", "grpo.rm_workdir"),
+        ("pipeline", "pas.pas.prompts", "pas.prompts"),
+        ("pipeline", "dpo.rules", "dpo.mesh.rules"),
+        ("pipeline", "dpo.train.steps", None),
+    ],
+)
+def test_old_paths_map_to_new(stage, old, new):
+    assert new_path(old, stage) == new
+
+
+def test_old_flags_are_rewritten_with_a_warning(caplog):
+    grpo = os.path.join(ROOT, "configs", "grpo.py") + ":tiny"
+    pipeline = os.path.join(ROOT, "configs", "pipeline.py") + ":tiny"
+    with caplog.at_level(logging.WARNING):
+        got = rewrite_flags(["train.py", f"--config={grpo}", "--config.grpo.kl_coef=0.1", "--config.data.seq_len=64"])
+        assert got[2:] == ["--config.kl_coef=0.1", "--config.data.seq_len=64"]
+        got = rewrite_flags(
+            ["train.py", "--config", pipeline, "--config.pas.pas.teacher=/m", "--config.pas.teacher=/n"]
+        )
+        assert got[3:] == ["--config.pas.teacher=/m", "--config.pas.teacher=/n"]
+    assert "--config.grpo.kl_coef is deprecated" in caplog.text and "use --config.kl_coef" in caplog.text
+    assert "--config.pas.pas.teacher is deprecated" in caplog.text
+
+
+def test_checkpoints_saved_with_the_old_layout_read_as_the_new():
+    old = {"config": {"stage": "grpo", "rules": [], "mesh": {"data": -1}, "grpo": {"algorithm": "ppo", "kl_coef": 0.1},
+                      "dpo": {"beta": 0.1}, "rm": {}, "pas": {}}, "runtime": {}}  # fmt: skip
+    new = upgrade_saved(old)["config"]
+    assert new["algorithm"] == "ppo" and new["kl_coef"] == 0.1 and not {"grpo", "dpo", "rm", "pas"} & set(new)
+    old = {"config": {"stage": "sft", "rules": [["embed", "fsdp"]], "mesh": {"data": -1}, "dpo": {"beta": 0.1}}}
+    new = upgrade_saved(old)["config"]
+    assert new["mesh"]["rules"] == [["embed", "fsdp"]] and "rules" not in new and "dpo" not in new
+    assert upgrade_saved(upgrade_saved(old)) == upgrade_saved(old)
+
+
+def test_every_preset_validates():
+    for stage in ("sft", "rm", "dpo", "grpo", "pas", "pipeline"):
+        validate(load_preset(stage, "tiny"))
