@@ -5,10 +5,13 @@ formats.py   raw rows (messages / ShareGPT / Alpaca / prompt-completion) -> cano
 sources.py   random-access rows from JSONL / JSON / Parquet files, HF datasets, TFDS
 tokenize.py  chat template rendering and the assistant loss mask
 packing.py   exact-fill packing (99.6% token utilisation on the demo data) into fixed-shape rows
-pipeline.py  shuffling, host sharding, resumable iteration, global batch assembly
+pipeline.py  the loaders' front door: sft_loader.py (SFT batches), shuffled_batches.py / ordered_batches.py
+             (resumable train stream, eval pass), window_packer.py (bad rows, stats), data_config.py,
+             multihost.py (global batch assembly)
 preference_formats.py  preference rows (HH-RLHF, TRL, UltraFeedback, plain, KTO) -> canonical records
 preference.py  those records -> packed pair batches (both members of a pair in one row), resumable loaders
 prefetch.py  batches prepared in a background thread, with the consumer's resumable state
+prompts.py   GRPO's prompt rows as an endless, resumable stream
 bpe.py       small locally trained byte-level BPE tokenizers with real chat templates (demo, tests)
 demo/        the bundled demo chats and preference pairs, and the seeded script that writes them
 """

@@ -9,7 +9,7 @@ key that holds each metric's sample count; and, for training curves, which logge
 Eval keys are those of align_jax.eval.suite.evaluate_model and the eval stage (align_jax.stages.evaluation);
 a key of kind "count" or "timing" is not a metric: counts become the n= of the metrics that name them,
 timings go to the report's run section. Training keys are what each stage logs to metrics.jsonl: the
-loss and the loss function's metrics (losses/*.py), GRPO's rollout metrics (stages/grpo.py), and eval_<key>
+loss and the loss function's metrics (losses/*.py), GRPO's rollout metrics (rollout.py), and eval_<key>
 for the held-out evaluation.
 """
 
