@@ -66,8 +66,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     from align_jax.config.deprecated import rewrite_flags
 
+    new = rewrite_flags(argv)
+    if new != argv and argv == sys.argv:  # ml_collections reads the --config.x overrides from sys.argv
+        sys.argv = list(new)
+    argv = new
     try:
-        return flags.FLAGS(rewrite_flags(argv))
+        return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         inner: object = e
         while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError("'k'\nDid you mean"))

@@ -323,4 +323,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from align_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

@@ -52,6 +52,14 @@ def test_a_pipeline_checks_every_stage_data_before_it_starts(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_old_config_paths_still_work_with_a_deprecation_warning(tmp_path):
+    out = train(tmp_path / "w", "--config.dpo.dpo.beta=-1.0", preset="pipeline.py:tiny")
+    assert out.returncode == 2 and "--config.dpo.dpo.beta is deprecated" in out.stderr
+    assert "use --config.dpo.beta" in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == "error: config.dpo: config.dpo.beta must be positive, got -1.0"
+    assert not (tmp_path / "w").exists()
+
+
 def test_verbose_brings_the_traceback_back(tmp_path):
     out = train(tmp_path / "w", "--config.data.train=/nonexistent/chats.jsonl", "--verbose")
     assert out.returncode != 0 and "Traceback" in out.stderr and "NotFoundError" in out.stderr

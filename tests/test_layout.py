@@ -105,3 +105,12 @@ def test_every_training_stage_is_a_spec(stage):
         assert module.run.__doc__.startswith("Trains the stage of"), module.run
         assert callable(module.spec)
     assert callable(runner.Run)
+
+
+def test_batch_fields_are_declared_once():
+    from align_jax.batch import PAIR_BATCH, SFT_BATCH
+    from align_jax.data.packing import FIELDS
+    from align_jax.data.preference import PREF_BATCH_FIELDS
+
+    assert SFT_BATCH.names == FIELDS and PAIR_BATCH.names == PREF_BATCH_FIELDS
+    assert all(f.doc and f.dtype in ("int32", "float32") for f in PAIR_BATCH.fields.values())

@@ -32,11 +32,13 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from align_jax.batch import TOKEN_FIELDS
+
 OVER_LONG = ("truncate", "drop")
 # Bumped whenever the placement changes: a saved iterator position is only exact under the packer
 # that produced it, so the pipeline records this in its state and refuses a mismatch.
 PACKER_VERSION = 2
-FIELDS = ("tokens", "positions", "segment_ids", "loss_mask")
+FIELDS = tuple(TOKEN_FIELDS)  # the packed row's fields, declared in align_jax/batch.py
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids [L], loss_mask [L])
 Row = dict[str, np.ndarray]
 

@@ -44,6 +44,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from align_jax import batch as batch_fields
 from align_jax.data.formats import BadRowError, Message, Origin
 from align_jax.data.packing import FIELDS, OVER_LONG, PackingStats, Row, assign_rows, empty_rows, layout_row
 from align_jax.data.pipeline import (
@@ -64,7 +65,7 @@ from align_jax.data.sources import RowSource, open_source
 from align_jax.data.tokenize import TemplateError, end_of_turn_ids, tokenize_chat
 from align_jax.workdir import resolve_data_path
 
-PAIR_FIELDS = ("pair_mask", "example_id", "chosen_score", "rejected_score", "score_mask", "kto_label")
+PAIR_FIELDS = tuple(batch_fields.PAIR_FIELDS)  # declared, with their meaning, in align_jax/batch.py
 PREF_BATCH_FIELDS = (*FIELDS, *PAIR_FIELDS)
 # Bumped whenever what a window of rows becomes changes (saved positions are only exact under the same).
 PREFERENCE_VERSION = 1

@@ -250,3 +250,29 @@ def test_chunked_loss_equals_full_and_saves_memory(tied):
 
     logits_bytes = 8 * 255 * cfg.vocab_size * 4  # one float32 [B, T-1, V] buffer
     assert temp_bytes(0) - temp_bytes(32) >= logits_bytes
+
+
+def test_eval_step_is_the_loss_of_the_state_with_its_frozen_reference():
+    """make_eval_step gives the loss function's sums for the state's params, passes the frozen
+    reference when the state carries one, and leaves the state as it was (nothing donated)."""
+    from align_jax.train.step import make_eval_step
+
+    optimizer, _ = make_optimizer(OPTIM, total_steps=10)
+    batch = rows([examples()[:3], examples()[3:]], 32)
+    loss_fn = functools.partial(sft_loss, apply_fn=apply_fn(Decoder(CFG)))
+    state = new_state(optimizer)
+    got = make_eval_step(loss_fn)(state, batch)
+    want = loss_fn(state.params, batch, None)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1])
+    assert set(got[2]) == set(want[2])
+
+    seen = []
+
+    def with_reference(params, batch, rng, *, frozen=None):
+        seen.append(frozen is not None)
+        return loss_fn(params, batch, rng)
+
+    frozen_state = state.replace(frozen=jax.tree.map(jnp.copy, state.params))
+    make_eval_step(with_reference)(frozen_state, batch)
+    assert seen == [True] and np.isfinite(float(jax.tree.leaves(frozen_state.params)[0].sum()))
