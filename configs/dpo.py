@@ -2,13 +2,13 @@
 
     python launch/train.py --config configs/dpo.py:<preset> --workdir DIR --config.init_from=SFT_WORKDIR
 
-Policy and reference both start from init_from (an SFT workdir or an HF directory). config.dpo picks
+Policy and reference both start from init_from (an SFT workdir or an HF directory). The top-level keys pick
 the objective: loss_type = sigmoid (DPO; label_smoothing > 0 gives cDPO) | hinge | ipo | robust |
 exo_pair | bco_pair | sppo_hard | nca_pair | apo_zero | apo_down | simpo | orpo | kto, with beta,
 gamma (SimPO), rpo_alpha (an NLL term on the chosen response), desirable/undesirable weights (KTO;
 set --config.data.unpaired=True to train KTO on paired data). Reference log-probs are either computed
-by the frozen reference in every step (`dpo.reference=in_step`) or once before training and cached
-on disk (`dpo.reference=precomputed`, cache in dpo.ref_cache_dir), which drops the reference's
+by the frozen reference in every step (`reference=in_step`) or once before training and cached
+on disk (`reference=precomputed`, cache in ref_cache_dir), which drops the reference's
 forward pass and its weights from the step.
 
 Presets:

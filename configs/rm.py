@@ -3,7 +3,7 @@
     python launch/train.py --config configs/rm.py:<preset> --workdir DIR --config.init_from=SFT_WORKDIR
 
 The RM starts from an SFT workdir (or an HF directory) with a fresh scalar head; the reward of a
-response is the head's value at its last token (the end-of-turn token). Loss (config.rm): the
+response is the head's value at its last token (the end-of-turn token). Loss (its top-level keys): the
 report's Eq. 1, -log sigmoid(r_c - r_r - margin) + score_weight * [(r_c - s_c)^2 + (r_r - s_r)^2] where
 s are the rows' absolute scores, z-normalised over the train split (rows without scores: BT only).
 Score a trained RM with `python launch/score.py --workdir DIR --input pairs.jsonl`.

@@ -18,7 +18,7 @@ token's own segment (align_jax/metrics.py). On CPU there is no meaningful peak: 
 (forward, backward, optimizer step) in the same process, alternating rounds of --steps steps with ours
 (3 rounds each; the median round counts), and reports the slot-throughput ratio.
 Preference stages (rm, dpo) also report pairs_per_s. DPO's FLOPs count the policy's forward and
-backward plus, with `dpo.reference=in_step`, the reference's forward. --compare_reference times the
+backward plus, with `reference=in_step`, the reference's forward. --compare_reference times the
 DPO step with the reference in the step and with precomputed log-probs on the same batches.
 --remat_table compiles the step for remat none/full with k = 1, 2, 4 layers per checkpoint unit and
 reports compiled peak memory and step time for each.
