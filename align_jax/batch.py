@@ -2,7 +2,7 @@
 
 A batch is a dict of arrays with a fixed shape per run and the global batch as leading axis. B is the
 batch (rows), T the row length (data.seq_len), P the most pairs packed into a row (data.max_pairs), K the
-reference's top-k (grpo.kl_topk). A stage's `BatchSpec` names its fields; the driver shards each one
+reference's top-k (kl_topk of a grpo config). A stage's `BatchSpec` names its fields; the driver shards each one
 (batch over the data axes, length over `sequence`), and the loss reads nothing else.
 """
 
@@ -49,7 +49,12 @@ PAIR_FIELDS = _fields(
     Field("kto_label", "int32", "B P", "unpaired data: 1 desirable / 0 undesirable (0 for paired data)"),
 )
 REFERENCE_LOGPS = _fields(
-    Field("ref_logps", "float32", "B 2P", "precomputed reference log-prob sums of each response (dpo.reference)")
+    Field(
+        "ref_logps",
+        "float32",
+        "B 2P",
+        "precomputed reference log-prob sums of each response (a dpo config's reference = precomputed)",
+    )
 )
 
 # One rollout (grpo): sampled responses as one segment per row, scored before the update.

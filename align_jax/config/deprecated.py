@@ -14,8 +14,10 @@ import copy
 import importlib.util
 import logging
 import os
+import re
 from typing import Any
 
+from align_jax.config.sections import data_section
 from align_jax.config.stage_sections import STAGE_SECTIONS
 
 log = logging.getLogger(__name__)
@@ -23,18 +25,25 @@ log = logging.getLogger(__name__)
 OWN_SECTION_STAGES = tuple(s for s, (own, _) in STAGE_SECTIONS.items() if own is not None)  # rm dpo grpo pas
 
 
-def new_path(path: str, stage: str) -> str | None:
-    """The current spelling of a `--config.` path of a `stage` config (or pipeline), or None if current."""
+def _looks_like_mesh_rules(value: str | None) -> bool:
+    return value is not None and value.strip()[:1] in ("(", "[")
+
+
+def new_path(path: str, stage: str, value: str | None = None) -> str | None:
+    """The current spelling of a `--config.` path of a `stage` config (or pipeline), or None if current.
+    A grpo config's `rules` are its reward rules now; a value shaped like sharding rules (a tuple of
+    pairs) still means the old top-level sharding `rules`."""
     parts = path.split(".")
     if stage == "pipeline":
         if len(parts) >= 3 and parts[0] == parts[1] and parts[0] in OWN_SECTION_STAGES:
             return ".".join(parts[:1] + parts[2:])  # grpo.grpo.kl_coef -> grpo.kl_coef
-        if len(parts) == 2 and parts[1] == "rules" and parts[0] in STAGE_SECTIONS and parts[0] != "grpo":
-            return f"{parts[0]}.mesh.rules"  # grpo.rules is now the grpo stage's reward rules
+        old_rules = parts[0] != "grpo" or _looks_like_mesh_rules(value)
+        if len(parts) == 2 and parts[1] == "rules" and parts[0] in STAGE_SECTIONS and old_rules:
+            return f"{parts[0]}.mesh.rules"
         return None
     if len(parts) >= 2 and parts[0] == stage and stage in OWN_SECTION_STAGES:
         return ".".join(parts[1:])  # grpo.kl_coef -> kl_coef
-    if parts == ["rules"] and stage != "grpo":
+    if parts == ["rules"] and (stage != "grpo" or _looks_like_mesh_rules(value)):
         return "mesh.rules"
     return None
 
@@ -64,17 +73,24 @@ def rewrite_flags(argv: list[str]) -> list[str]:
     if stage is None:
         return argv
     out = []
-    for arg in argv:
-        if arg.startswith("--config.") and "=" in arg:
-            key, value = arg[len("--config.") :].split("=", 1)
-            new = new_path(key, stage)
+    for i, arg in enumerate(argv):
+        # absl's forms: --config.k=v, --config.k v, -config.k=v, and booleans --config.k / --noconfig.k.
+        m = _OVERRIDE.match(arg)
+        if m:
+            value = m["value"][1:] if m["value"] else (argv[i + 1] if i + 1 < len(argv) else None)
+            new = new_path(m["key"], stage, value)
             if new is not None:
                 log.warning(
-                    "--config.%s is deprecated (this spelling goes in the next release); use --config.%s", key, new
+                    "--config.%s is deprecated (this spelling goes in the next release); use --config.%s",
+                    m["key"],
+                    new,
                 )
-                arg = f"--config.{new}={value}"
+                arg = f"{m['dashes']}{m['no'] or ''}config.{new}{m['value'] or ''}"
         out.append(arg)
     return out
+
+
+_OVERRIDE = re.compile(r"^(?P<dashes>-{1,2})(?P<no>no)?config\.(?P<key>[^=]+)(?P<value>=.*)?$", re.S)
 
 
 def upgrade_saved(saved: dict) -> dict:
@@ -97,6 +113,10 @@ def upgrade_saved(saved: dict) -> dict:
     if old_rules:
         config.setdefault("mesh", {})["rules"] = config.pop("rules")
     config.update(own or {})
+    if stage in STAGE_SECTIONS and isinstance(config.get("data"), dict):
+        # The old data section held every stage's data keys; the stage's own section holds its keys only.
+        keep = set(data_section(stage).keys())
+        config["data"] = {k: v for k, v in config["data"].items() if k in keep}
     return saved
 
 

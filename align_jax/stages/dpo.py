@@ -1,11 +1,11 @@
 """DPO family (DPO and its loss variants, SimPO, ORPO, KTO) on packed preference pairs.
 
 Init: policy and reference are both init_from's params (an SFT workdir or HF directory). The
-reference is never updated. With `dpo.reference = "in_step"` it rides in TrainState.frozen (sharded like
-the policy) and runs forward inside each step; it is not stored in checkpoints (it is init_from's params,
-reloaded on resume). With "precomputed" its log-probs are computed once per data split and cached on
-disk (align_jax/reference.py), and the step carries no reference at all. Reference-free objectives
-(SimPO, ORPO, reference_free DPO) use neither.
+reference is never updated. With `reference = "in_step"` (`dpo.reference` in a pipeline) it rides in
+TrainState.frozen (sharded like the policy) and runs forward inside each step; it is not stored in
+checkpoints (it is init_from's params, reloaded on resume). With "precomputed" its log-probs are computed
+once per data split and cached on disk (align_jax/reference.py), and the step carries no reference at
+all. Reference-free objectives (SimPO, ORPO, reference_free DPO) use neither.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def reference_logps_fn(run: runner.Run):
 
 @dataclasses.dataclass
 class PrecomputedReference:
-    """`dpo.reference = "precomputed"`: the reference's log-probs of every train and eval pair, computed
+    """`reference = "precomputed"`: the reference's log-probs of every train and eval pair, computed
     once (or read from the cache) when the run starts, then attached to each batch as `ref_logps`."""
 
     data: PairData
@@ -125,7 +125,7 @@ def spec(ctx: Context) -> StageSpec:
     objective, mode = objective_of(c), reference_mode(c)
     data = pair_data(ctx)
     params = build.decoder_params(ctx)
-    params.reference = mode == "in_step"
+    params.reference = params.copy_reference = mode == "in_step"
     loss = functools.partial(
         preference_loss,
         apply_fn=apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),

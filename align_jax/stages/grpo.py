@@ -5,7 +5,7 @@ current policy -> rewards (rules and/or a trained RM) -> old and reference log-p
 advantages; the update is a clipped policy gradient (align_jax/losses/grpo.py). The frozen reference
 (init_from) rides in TrainState.frozen.
 
-KL to the reference (`grpo.kl_mode`):
+KL to the reference (`kl_mode`; `grpo.kl_mode` in a pipeline):
   reward  the report's choice: token rewards r_t = -kl_coef * KL_t, plus the score at the last token.
           A token's advantage is the group-normalised score minus kl_coef x the KL still to come in its
           sample (its return's KL part, not normalised with the scores). KL_t is k1, k3, or the exact KL
@@ -13,11 +13,11 @@ KL to the reference (`grpo.kl_mode`):
   loss    DeepSeekMath: kl_coef * mean k3 (or k1) added to the loss.
   none    no KL term.
 
-PTX (`grpo.ptx_coef` > 0): each step also takes a packed batch of SFT chats (`grpo.ptx_data`) and adds
+PTX (`ptx_coef` > 0): each step also takes a packed batch of SFT chats (`ptx_data`) and adds
 ptx_coef x the per-token mean of either the report's KL(policy || original model), exact over the
 reference's top-k logits, or plain NLL, on their assistant tokens.
 
-PPO (`grpo.algorithm = "ppo"`): a value model (init_from's decoder + a fresh scalar head) trained
+PPO (`algorithm = "ppo"`): a value model (init_from's decoder + a fresh scalar head) trained
 alongside, per-token rewards with the KL inside, GAE advantages, a clipped value loss.
 
 Prompt rows: {"prompt": str | [messages], ...any other fields the rules read, e.g. "answer"}.

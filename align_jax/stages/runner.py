@@ -34,6 +34,7 @@ class Run:
     (the sharded state's layout, the train step, the eval step). `launch/bench.py` builds one too."""
 
     def __init__(self, make_spec: Callable[[Context], StageSpec], config: ml_collections.ConfigDict, workdir: str):
+        validate(config)  # also when built outside `stage` (bench, tools): a bad config fails before any work
         self.config, self.workdir = config, workdir
         self.ctx = build.context(config, workdir)
         self.tokenizer, self.sharder, self.model_cfg = self.ctx.tokenizer, self.ctx.sharder, self.ctx.model_cfg
@@ -78,8 +79,10 @@ class Run:
             params_from_init=p.from_init,
         )
         if p.reference:
-            # Separate buffers: the step donates the state, and the policy may still alias init_from's arrays.
-            state = state.replace(frozen=jax.tree.map(lambda x: x.copy(), self.reference_params()))
+            reference = self.reference_params()
+            if p.copy_reference:
+                reference = jax.tree.map(lambda x: x.copy(), reference)
+            state = state.replace(frozen=reference)
         if start and self.spec.start is not None:
             state = self.spec.start(self, state)
         return state, data_state, how

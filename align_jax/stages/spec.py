@@ -56,6 +56,9 @@ class ParamsInit:
     init_from_part: str | None = None
     from_init: Callable[[Any], Any] | None = None
     reference: bool = False
+    # The reference in buffers of its own, copied from the loaded params: DPO's policy may alias them,
+    # and the step donates the state. GRPO/PPO skip the copy (a whole extra reference at start-up).
+    copy_reference: bool = False
 
 
 @dataclasses.dataclass
