@@ -48,7 +48,12 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_no_module_over_400_lines():
-    long = {m: n for m, p in modules().items() if (n := len(pathlib.Path(p).read_text().splitlines())) > MAX_LINES}
+    files = [
+        *modules().values(),
+        *pathlib.Path(ROOT, "launch").glob("*.py"),
+        *pathlib.Path(ROOT, "configs").glob("*.py"),
+    ]
+    long = {str(p): n for p in files if (n := len(pathlib.Path(p).read_text().splitlines())) > MAX_LINES}
     assert not long, f"split these by what they hold: {long}"
 
 
