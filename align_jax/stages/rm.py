@@ -35,7 +35,9 @@ def scalar_params(model: ScalarModel, seed: int) -> ParamsInit:
     """A decoder + a fresh scalar head: init_from fills the decoder (its LM head is not the reward head)."""
     boxed = jax.eval_shape(functools.partial(boxed_reward_init, model), jax.random.key(0))
     head_sharding = tree_shardings(boxed, model.sharder)["head"]
-    fresh = lambda rng: nn.meta.unbox(boxed_reward_init(model, rng))  # noqa: E731
+
+    def fresh(rng: jax.Array) -> Any:
+        return nn.meta.unbox(boxed_reward_init(model, rng))
 
     def from_decoder(params: Any) -> Any:
         head = jax.jit(lambda rng: fresh(rng)["head"], out_shardings=head_sharding)(jax.random.key(seed))
