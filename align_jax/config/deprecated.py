@@ -66,6 +66,8 @@ def config_stage(spec: str) -> str | None:
 
 def rewrite_flags(argv: list[str]) -> list[str]:
     """argv with deprecated `--config.` paths rewritten to the current ones, each with a warning."""
+    if not any(_OVERRIDE.match(arg) for arg in argv):
+        return argv  # nothing to rewrite: the config file is not read an extra time
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     if spec is None and "--config" in argv[:-1]:
         spec = argv[argv.index("--config") + 1]

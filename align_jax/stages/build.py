@@ -153,6 +153,15 @@ def context(config: ml_collections.ConfigDict, workdir: str) -> Context:
     return Context(config, workdir, tokenizer, sharder, model_config(config, tokenizer))
 
 
+def loader_config(config: ml_collections.ConfigDict, fields_of: type) -> dict:
+    """config.data as a data loader's config (the fields of its dataclass: the rest of config.data is the
+    loop's), with demo:NAME paths resolved."""
+    d = {f.name: config.data[f.name] for f in dataclasses.fields(fields_of)}
+    d["train"] = resolve_data_path(d["train"])
+    d["eval"] = resolve_data_path(d["eval"]) if d["eval"] else None
+    return d
+
+
 def decoder_params(ctx: Context) -> ParamsInit:
     """A decoder's params: the model config's architecture, fresh or init_from's."""
     cfg, sharder = ctx.model_cfg, ctx.sharder

@@ -10,21 +10,15 @@ import jax
 import ml_collections
 
 from align_jax.data import preference
+from align_jax.stages import build
 from align_jax.stages.spec import Context
-from align_jax.workdir import resolve_data_path
 
 log = logging.getLogger(__name__)
 
-# config.data keys the preference pipeline reads (the rest are the loop's or SFT's).
-DATA_KEYS = ("train", "eval", "format", "seq_len", "batch_size", "max_pairs", "unpaired", "over_long",
-             "on_bad_row", "shuffle_seed", "pack_window")  # fmt: skip
-
 
 def data_config(config: ml_collections.ConfigDict) -> dict:
-    d = {k: config.data[k] for k in DATA_KEYS}
-    d["train"] = resolve_data_path(d["train"])
-    d["eval"] = resolve_data_path(d["eval"]) if d["eval"] else None
-    return d
+    """config.data as the preference pipeline's config."""
+    return build.loader_config(config, preference.PreferenceDataConfig)
 
 
 @dataclasses.dataclass

@@ -8,25 +8,18 @@ import ml_collections
 
 from align_jax.batch import SFT_BATCH
 from align_jax.data import pipeline
+from align_jax.data.sft_loader import SFTDataConfig
 from align_jax.losses.sft import sft_loss
 from align_jax.metrics import flops_per_token
 from align_jax.models.apply import apply_fn
 from align_jax.models.transformer import Decoder
 from align_jax.stages import build, runner
 from align_jax.stages.spec import Context, StageSpec
-from align_jax.workdir import resolve_data_path
-
-# config.data keys the SFT data pipeline reads (the rest are the loop's or other stages').
-DATA_KEYS = ("train", "eval", "format", "seq_len", "batch_size", "loss_on", "over_long", "on_bad_row",
-             "shuffle_seed", "pack_window")  # fmt: skip
 
 
 def data_config(config: ml_collections.ConfigDict) -> dict:
-    """config.data as the data pipeline's SFTDataConfig keys, with demo:NAME paths resolved."""
-    d = {k: config.data[k] for k in DATA_KEYS}
-    d["train"] = resolve_data_path(d["train"])
-    d["eval"] = resolve_data_path(d["eval"]) if d["eval"] else None
-    return d
+    """config.data as the SFT data pipeline's config."""
+    return build.loader_config(config, SFTDataConfig)
 
 
 def spec(ctx: Context) -> StageSpec:
