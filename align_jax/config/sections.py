@@ -20,6 +20,10 @@ DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
 # The rm and dpo stages' row formats (align_jax/data/preference.py; a test keeps the two in step).
 PREFERENCE_FORMATS = ("auto", "hh_rlhf", "preference", "kto")
 PAIR_STAGES = ("rm", "dpo")
+# data.loss_on of the SFT-style stages (align_jax/data/tokenize.py, which documents them; a test keeps the two
+# in step): "auto" trains the whole chat where the template renders it as growing prefixes, else each
+# assistant turn as its own sample.
+LOSS_ON = ("auto", "assistant", "per_turn", "last_assistant", "all")
 
 
 class ConfigValueError(UserError, ValueError):
@@ -104,7 +108,7 @@ def data_section(stage: str) -> ml_collections.ConfigDict:
     d.pack_window = 1000
     d.eval_batches = 0  # 0: the whole eval split
     if stage in ("sft", "pas"):
-        d.loss_on = "assistant"  # assistant | last_assistant | all
+        d.loss_on = "auto"  # auto | assistant | per_turn | last_assistant | all
     if stage in PAIR_STAGES:
         # Most pairs packed into one row (0: seq_len // 32), and KTO's unpaired view of paired data
         # (each pair -> a desirable and an undesirable example).
@@ -117,7 +121,7 @@ def validate_data(c: ml_collections.ConfigDict) -> None:
     positive(c, "data.seq_len", "data.batch_size")
     one_of(c.data.format, PREFERENCE_FORMATS if c.stage in PAIR_STAGES else DATA_FORMATS, "data.format")
     if "loss_on" in c.data:
-        one_of(c.data.loss_on, ("assistant", "last_assistant", "all"), "data.loss_on")
+        one_of(c.data.loss_on, LOSS_ON, "data.loss_on")
     one_of(c.data.over_long, ("truncate", "drop"), "data.over_long")
     one_of(c.data.on_bad_row, ("error", "skip"), "data.on_bad_row")
     if "max_pairs" in c.data and c.data.max_pairs < 0:

@@ -62,7 +62,7 @@ from align_jax.data.preference_formats import (
     to_preference_record,
 )
 from align_jax.data.sources import RowSource, open_source
-from align_jax.data.tokenize import TemplateError, end_of_turn_ids, tokenize_chat
+from align_jax.data.tokenize import TemplateError, TemplateRejected, end_of_turn_ids, tokenize_chat
 from align_jax.workdir import resolve_data_path
 
 PAIR_FIELDS = tuple(batch_fields.PAIR_FIELDS)  # declared, with their meaning, in align_jax/batch.py
@@ -217,21 +217,27 @@ class _Pairs:
         z = self.scores
         units = []
         for i, rec, origin in records:
+            mine = []  # this row's units: all of them or, if the template refuses the row, none
             try:
                 if not self.kto:
                     scored = rec["chosen_score"] is not None
                     cz = (rec["chosen_score"] - z.mean) / z.std if scored else 0.0
                     rz = (rec["rejected_score"] - z.mean) / z.std if scored else 0.0
-                    units.append(
+                    mine.append(
                         (*self._tokenize(rec["prompt"], rec["chosen"], rec["rejected"]), (i, cz, rz, scored, 0))
                     )
-                    continue
-                theirs = _completions(partners[i])
-                for k, (completion, label) in enumerate(_completions(rec)):
-                    kl = theirs[k % len(theirs)][0]
-                    units.append((*self._tokenize(rec["prompt"], completion, kl), (i, 0.0, 0.0, False, label)))
+                else:
+                    theirs = _completions(partners[i])
+                    for k, (completion, label) in enumerate(_completions(rec)):
+                        kl = theirs[k % len(theirs)][0]
+                        mine.append((*self._tokenize(rec["prompt"], completion, kl), (i, 0.0, 0.0, False, label)))
+            except TemplateRejected as e:
+                # The template's own refusal (Gemma 2 and a system message) is a bad row, like the SFT loader's.
+                self.bad_rows.handle(BadRowError(origin, "prompt", str(e)), stats)
+                continue
             except TemplateError as e:
                 raise TemplateError(f"{origin}: {e}") from e
+            units += mine
         return units
 
     def _fit(self, unit: Unit, stats: PackingStats) -> Unit | None:

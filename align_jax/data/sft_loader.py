@@ -3,24 +3,29 @@
 `SFTDataConfig` is what they read; `make_sft_iterator` builds the train loader (`SFTIterator`, endless,
 shuffled, resumable: shuffled_batches.py) or the eval loader (`EvalBatches`, finite, in file order:
 ordered_batches.py), both over `_Examples`, which turns a window of row indices into packed chat rows.
+A row may give several samples (data.loss_on="per_turn", or "auto" under a template that rewrites earlier
+turns: one per assistant turn); the packer packs them like any others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 
 from align_jax.data.data_config import DataConfigMixin
-from align_jax.data.formats import FORMATS, BadRowError, to_record
+from align_jax.data.formats import FORMATS, BadRowError, Origin, to_record
 from align_jax.data.ordered_batches import OrderedBatches
 from align_jax.data.packing import OVER_LONG, Example, Row, empty_rows, pack_window
 from align_jax.data.shuffled_batches import ShuffledBatches
 from align_jax.data.sources import RowSource, open_source
-from align_jax.data.tokenize import LOSS_ON, TemplateError, end_of_turn_ids, tokenize_chat
+from align_jax.data.tokenize import LOSS_ON, TemplateError, TemplateRejected, chat_examples, end_of_turn_ids
 from align_jax.data.window_packer import ON_BAD_ROW, BadRows, Batch, add_packing_stats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +37,7 @@ class SFTDataConfig(DataConfigMixin):
     format: str = "auto"
     seq_len: int = 1024
     batch_size: int = 8
-    loss_on: str = "assistant"
+    loss_on: str = "auto"  # auto | assistant | per_turn | last_assistant | all: see align_jax/data/tokenize.py
     over_long: str = "truncate"
     on_bad_row: str = "error"
     shuffle_seed: int = 0
@@ -53,6 +58,7 @@ class _Examples:
         self.source, self.tokenizer, self.cfg = source, tokenizer, cfg
         self.eot_ids = end_of_turn_ids(tokenizer)
         self.bad_rows = BadRows(cfg.on_bad_row)
+        self.fallback_logged = False
 
     def read(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Example]:
         """Examples for `indices`, in order, without the bad rows. `stats=None` replays silently (a
@@ -60,17 +66,31 @@ class _Examples:
         out = []
         for raw, origin in self.source.read(indices):
             try:
-                if isinstance(raw, BadRowError):
-                    raise raw
-                record = to_record(raw, self.cfg.format, origin)
+                out += self._samples(raw, origin)
             except BadRowError as e:
                 self.bad_rows.handle(e, stats)
-                continue
-            try:
-                out.append(tokenize_chat(self.tokenizer, record["messages"], self.cfg.loss_on, self.eot_ids))
-            except TemplateError as e:
-                raise TemplateError(f"{origin}: {e}") from e
         return out
+
+    def _samples(self, raw: Any, origin: Origin) -> list[Example]:
+        """One row's samples; a BadRowError for a bad row (one the chat template refuses included)."""
+        if isinstance(raw, BadRowError):
+            raise raw
+        messages = to_record(raw, self.cfg.format, origin)["messages"]
+        try:
+            examples, fallback = chat_examples(self.tokenizer, messages, self.cfg.loss_on, self.eot_ids)
+        except TemplateRejected as e:
+            raise BadRowError(origin, "messages", str(e)) from e
+        except TemplateError as e:
+            raise TemplateError(f"{origin}: {e}") from e
+        if fallback is not None and not self.fallback_logged:
+            self.fallback_logged = True
+            logger.info(
+                "data.loss_on='auto': %s (first at %s); such chats are trained as one sample per assistant turn, "
+                "each rendered as the model sees it at inference (loss_on='per_turn'), the others as one sample",
+                fallback,
+                origin,
+            )
+        return examples
 
     def pack(self, indices: Sequence[int], stats: dict[str, int] | None) -> list[Row]:
         rows, pstats = pack_window(self.read(indices, stats), self.cfg.seq_len, self.cfg.over_long)

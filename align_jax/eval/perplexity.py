@@ -53,7 +53,7 @@ def perplexity(
     format: str = "auto",
     limit_batches: int | None = None,
     sharder: Sharder | None = None,
-    loss_on: str = "assistant",
+    loss_on: str = "auto",
     loss_chunk: int = 0,
 ) -> dict[str, float]:
     """Token-weighted mean NLL of the `loss_on` tokens of the chats in `path` (a file, glob, `demo:NAME`

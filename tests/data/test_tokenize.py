@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from align_jax.data.bpe import train_tokenizer
-from align_jax.data.tokenize import TemplateError, tokenize_chat
+from align_jax.data.tokenize import TemplateError, chat_examples, tokenize_chat
 from tests.data.conftest import CORPUS
 
 CHAT = [
@@ -82,8 +82,11 @@ def test_template_that_rewrites_earlier_turns_is_refused():
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[final] {% endif %}"
         "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    with pytest.raises(TemplateError, match="prefix"):
+    with pytest.raises(TemplateError, match=r"differently once the reply follows.*loss_on='per_turn'"):
         tokenize_chat(tok, CHAT)
+    # Not even one turn at a time: its prompt and reply are not consistent either, which no mode fixes.
+    with pytest.raises(TemplateError, match="does not start with the prompt"):
+        chat_examples(tok, CHAT, "per_turn")
 
 
 def test_tokens_merged_across_the_turn_boundary_are_refused():
