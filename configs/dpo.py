@@ -3,13 +3,14 @@
     python launch/train.py --config configs/dpo.py:<preset> --workdir DIR --config.init_from=SFT_WORKDIR
 
 Policy and reference both start from init_from (an SFT workdir or an HF directory). The top-level keys pick
-the objective: loss_type = sigmoid (DPO; label_smoothing > 0 gives cDPO) | hinge | ipo | robust |
-exo_pair | bco_pair | sppo_hard | nca_pair | apo_zero | apo_down | simpo | orpo | kto, with beta,
-gamma (SimPO), rpo_alpha (an NLL term on the chosen response), desirable/undesirable weights (KTO;
-set --config.data.unpaired=True to train KTO on paired data). Reference log-probs are either computed
-by the frozen reference in every step (`reference=in_step`) or once before training and cached
-on disk (`reference=precomputed`, cache in ref_cache_dir), which drops the reference's
-forward pass and its weights from the step.
+the objective: loss_type = sigmoid (DPO; label_smoothing > 0 gives cDPO) | sigmoid_norm | hinge | ipo |
+robust | exo_pair | bco_pair | sppo_hard | nca_pair | apo_zero | apo_down | aot | aot_unpaired | discopop |
+simpo | orpo | kto (TRL 1.x's meanings), with beta, gamma (SimPO), rpo_alpha (an NLL term on the chosen
+response), bco_shift (none, as TRL 1.x, or batch_mean, older TRL's reward shift), discopop_tau,
+desirable/undesirable weights (KTO; set --config.data.unpaired=True to train KTO on paired data).
+Reference log-probs are either computed by the frozen reference in every step (`reference=in_step`) or
+once before training and cached on disk (`reference=precomputed`, cache in ref_cache_dir), which drops
+the reference's forward pass and its weights from the step.
 
 Presets:
   tiny       The CPU demo, after `configs/sft.py:tiny` (--config.init_from=runs/sft-demo): sigmoid DPO,

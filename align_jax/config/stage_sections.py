@@ -30,6 +30,8 @@ def dpo_section() -> ml_collections.ConfigDict:
     s.desirable_weight = 1.0  # KTO
     s.undesirable_weight = 1.0
     s.reference_free = False
+    s.bco_shift = "none"  # bco_pair's reward shift: none (TRL 1.x) | batch_mean (older TRL's baseline)
+    s.discopop_tau = 0.05  # discopop's temperature (TRL's default)
     # Where reference log-probs come from: "in_step" (frozen reference params, a forward pass in every
     # step) or "precomputed" (one pass before training, cached on disk; see align_jax/reference.py).
     s.reference = "in_step"
@@ -38,11 +40,12 @@ def dpo_section() -> ml_collections.ConfigDict:
 
 
 def validate_dpo(c: ml_collections.ConfigDict) -> None:
-    from align_jax.losses.dpo import LOSS_TYPES
+    from align_jax.losses.dpo import BCO_SHIFTS, LOSS_TYPES
 
     one_of(c.loss_type, LOSS_TYPES, "loss_type")
     one_of(c.reference, ("in_step", "precomputed"), "reference")
-    positive(c, "beta")
+    one_of(c.bco_shift, BCO_SHIFTS, "bco_shift")
+    positive(c, "beta", "discopop_tau")
     if c.loss_type == "kto" and not c.data.unpaired and c.data.format != "kto":
         raise ConfigValueError(
             "config.loss_type='kto' trains on unpaired examples: set config.data.unpaired=True to "

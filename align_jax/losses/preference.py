@@ -2,27 +2,41 @@
 
 Every function here is a pure formula over per-example arrays (any shape, usually [N]) and returns
 per-example arrays of the same shape, in float32. Batching, masking and reduction belong to the caller,
-which sums with its masks, so nothing here depends on how pairs fall into microbatches. The semantics
-follow TRL's DPOTrainer / CPOTrainer / ORPOTrainer / KTOTrainer; the few deviations are marked "Unlike TRL".
+which sums with its masks, so nothing here depends on how pairs fall into microbatches (except aot and
+aot_unpaired, which rank pairs against each other: see `dpo_loss`). The DPO family follows TRL 1.x's
+DPOTrainer (read from trl 1.16.0), the others TRL's CPOTrainer / ORPOTrainer / KTOTrainer; the few
+deviations are marked "Unlike TRL".
 
 Notation: pc, pr are the policy's log-probabilities of the chosen and rejected completions (sums over
-completion tokens), rc, rr the reference model's; s = log_sigmoid, sig = sigmoid, b = beta.
+completion tokens), rc, rr the reference model's; s = log_sigmoid, sig = sigmoid, b = beta; |yc|, |yr|
+the completions' token counts.
 
     a = pc - rc,  r = pr - rr                      (chosen / rejected log-ratios)
-    z = b * ((pc - pr) - (rc - rr)) = b * (a - r)  (the DPO logit)
-    rewards: chosen = b * a, rejected = b * r      (implicit rewards, stop-gradient)
+    z = b * (a - r)                                (the DPO logit)
+    rewards: chosen = b * a, rejected = b * r      (implicit rewards from summed logps, stop-gradient)
 
 DPO loss types (`DPO_LOSS_TYPES`), with label smoothing ls:
-    sigmoid    DPO (Rafailov et al. 2023); ls > 0 is cDPO:   -(1 - ls) s(z) - ls s(-z)
-    hinge      SLiC-HF (Zhao et al. 2023):                   relu(1 - z)
-    ipo        IPO (Azar et al. 2023), logps divided by their token counts first:  ((a - r) - 1 / (2 b))^2
-    robust     robust DPO (Chowdhury et al. 2024):           (-(1 - ls) s(z) + ls s(-z)) / (1 - 2 ls)
-    exo_pair   EXO (Ji et al. 2024), eps = ls or 1e-3:        sig(z) (s(z) - log(1 - eps)) + sig(-z) (s(-z) - log eps)
-    bco_pair   BCO (Jung et al. 2024), reward shift delta:   -s(b a - delta) - s(-(b r - delta))
-    sppo_hard  SPPO, hard labels (Wu et al. 2024):           (a - 1 / (2 b))^2 + (r + 1 / (2 b))^2
-    nca_pair   NCA (Chen et al. 2024):                       -s(b a) - s(-b a) / 2 - s(-b r) / 2
-    apo_zero   APO-zero (D'Oosterlinck et al. 2024):         1 - sig(b a) + sig(b r)
-    apo_down   APO-down:                                     sig(b a) + 1 - sig(b (a - r))
+    sigmoid       DPO (Rafailov et al. 2023); ls > 0 is cDPO:  -(1 - ls) s(z) - ls s(-z)
+    sigmoid_norm  DPO on per-token log-ratios: the sigmoid loss with a, r replaced by a/|yc|, r/|yr|
+    hinge         SLiC-HF (Zhao et al. 2023):                   relu(1 - z)
+    ipo           IPO (Azar et al. 2023) on per-token log-ratios:  ((a/|yc| - r/|yr|) - 1 / (2 b))^2
+    robust        robust DPO (Chowdhury et al. 2024):           (-(1 - ls) s(z) + ls s(-z)) / (1 - 2 ls)
+    exo_pair      EXO (Ji et al. 2024), eps = ls or 1e-3:  sig(z) (s(z) - log(1 - eps)) + sig(-z) (s(-z) - log eps)
+    bco_pair      BCO (Jung et al. 2024), shift delta (0 in TRL 1.x):  -s(b a - delta) - s(-(b r - delta))
+    sppo_hard     SPPO, hard labels (Wu et al. 2024):           (a - 1 / (2 b))^2 + (r + 1 / (2 b))^2
+    nca_pair      NCA (Chen et al. 2024):                       -s(b a) - s(-b a) / 2 - s(-b r) / 2
+    apo_zero      APO-zero (D'Oosterlinck et al. 2024):         1 - sig(b a) + sig(b r)
+    apo_down      APO-down:                                     sig(b a) + 1 - sig(b (a - r))
+    aot           AOT (Melnyk et al. 2024), paired: the sigmoid loss of b * (sort(pc - pr)_k - sort(rc - rr)_k)
+    aot_unpaired  AOT, unpaired: the sigmoid loss of b * (sort(a)_k - sort(r)_k)
+    discopop      DiscoPOP (Lu et al. 2024), m = sig(z / tau):  -(1 - m) s(z) + m e^-z
+
+AOT sorts across the batch: slot k pairs the k-th smallest values of the two sorted sets, so it is a
+batch-level loss; see `dpo_loss` for how padding pairs are kept out of the sort.
+
+Unlike TRL 1.x: sigmoid and sigmoid_norm keep cDPO's label smoothing (TRL 1.x's sigmoid ignores
+label_smoothing; with the default 0 the two agree), exo_pair with ls = 0 uses the paper's eps = 1e-3
+(TRL 1.x refuses ls = 0), and `reference_free` (which TRL 1.x dropped) is kept.
 
 SimPO (Meng et al. 2024), reference-free on average log-probabilities pc/|yc|, pr/|yr|:
     z = b (pc/|yc| - pr/|yr|) - gamma;  loss = -(1 - ls) s(z) - ls s(-z);  rewards = b * average logps
@@ -43,6 +57,7 @@ import jax.numpy as jnp
 
 DPO_LOSS_TYPES = (
     "sigmoid",
+    "sigmoid_norm",
     "hinge",
     "ipo",
     "robust",
@@ -52,9 +67,17 @@ DPO_LOSS_TYPES = (
     "nca_pair",
     "apo_zero",
     "apo_down",
+    "aot",
+    "aot_unpaired",
+    "discopop",
 )
+# Types whose log-ratios are divided by their completions' token counts: they need the lengths.
+LENGTH_NORMALISED_TYPES = ("ipo", "sigmoid_norm")
+# Types that score each log-ratio on its own rather than through the margin a - r.
+_PER_RATIO_TYPES = ("bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
+DISCOPOP_TAU = 0.05  # TRL's default, the DiscoPOP paper's value.
 
-_EXO_DEFAULT_EPSILON = 1e-3  # TRL's value when label_smoothing is 0: log(0) would make the loss infinite.
+_EXO_DEFAULT_EPSILON = 1e-3  # The EXO paper's value when label_smoothing is 0: log(0) would make the loss infinite.
 # Largest average log-probability ORPO uses: log(1 - e^x) is -inf at x = 0 (a padding pair, or a
 # completion the model is certain of); -1e-30 keeps it finite (about -69) without changing any real value.
 _ORPO_MAX_LOGP = -1e-30
@@ -79,6 +102,22 @@ def _check_label_smoothing(label_smoothing: float, upper: float, what: str) -> N
         raise ValueError(f"{what}: label_smoothing must be in [0, {upper}], got {label_smoothing}")
 
 
+def _check_dpo_args(loss_type: str, label_smoothing: float, has_lengths: bool, discopop_tau: float) -> None:
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
+    # Beyond 1/2 the smoothed labels flip; robust DPO divides by 1 - 2 ls, so 1/2 itself is out too.
+    _check_label_smoothing(label_smoothing, 0.5, f"DPO loss_type={loss_type!r}")
+    if loss_type == "robust" and label_smoothing == 0.5:
+        raise ValueError("robust DPO divides by 1 - 2 * label_smoothing: label_smoothing must be below 0.5")
+    if loss_type in LENGTH_NORMALISED_TYPES and not has_lengths:
+        raise ValueError(
+            f"loss_type={loss_type!r} is length-normalised: pass chosen_lengths and rejected_lengths "
+            "(completion token counts per example)"
+        )
+    if loss_type == "discopop" and not discopop_tau > 0:
+        raise ValueError(f"discopop divides by discopop_tau: it must be positive, got {discopop_tau}")
+
+
 def dpo_loss(
     policy_chosen_logps: jax.Array,
     policy_rejected_logps: jax.Array,
@@ -92,86 +131,118 @@ def dpo_loss(
     rejected_lengths: jax.Array | None = None,
     reference_free: bool = False,
     bco_delta: jax.Array | float | None = None,
+    pair_mask: jax.Array | None = None,
+    discopop_tau: float = DISCOPOP_TAU,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(losses, chosen_rewards, rejected_rewards) per pair; see the module docstring for each loss_type.
 
-    logps are sums over completion tokens. `ipo` needs `chosen_lengths`/`rejected_lengths` (completion
-    token counts): like TRL it divides policy and reference logps by them, and its rewards come from those
-    per-token logps too. Rewards are always b * (policy - reference) of the logps used, as in TRL, also with
-    `reference_free` (pass zeros as reference logps when there is no reference model).
+    logps are sums over completion tokens. `ipo` and `sigmoid_norm` need `chosen_lengths` /
+    `rejected_lengths` (completion token counts): like TRL they divide each log-ratio by them. Rewards are
+    always b * (policy - reference) of the summed logps, as TRL 1.x reports them for every type (ipo
+    included), also with `reference_free` (pass zeros as reference logps when there is no reference model).
 
-    `reference_free` sets the reference logps to 0 inside the loss. Unlike TRL, where bco_pair, sppo_hard
-    and nca_pair ignore the flag, it applies to every loss type.
+    `reference_free` sets the reference logps to 0 inside the loss, for every loss type.
 
-    `bco_delta` is BCO's reward shift. Unlike TRL, which keeps a running mean of the batch-mean reward across
-    steps (state a pure loss cannot hold), None means the stop-gradient mean of this call's chosen and
-    rejected rewards, padding pairs included; a caller with padding, microbatches or a running mean passes
-    its own delta (it is stop-gradient'ed here either way).
+    `bco_delta` is BCO's reward shift, stop-gradient'ed here. None (the default) is no shift, as in TRL 1.x,
+    which dropped the running mean of the batch reward that older TRL subtracted; a caller that wants that
+    shift passes its own delta (see `align_jax.losses.dpo`'s bco_shift="batch_mean").
+
+    `pair_mask` (1 = a real pair, 0 = padding; default all real) matters to aot and aot_unpaired only:
+    they sort values across the whole array, and padding must not take part. Padding sorts after every
+    real pair in both orders, so the n real pairs fill slots 0..n-1 of each sort and meet only each other.
+    Slot k's loss is reported at the pair whose first sorted value (pc - pr for aot, a for aot_unpaired)
+    holds rank k, so summing losses over the real pairs gives TRL's sum over slots, and each policy
+    log-ratio's gradient stays at its own pair. Padding entries come out finite, for the caller to mask.
+
+    `discopop_tau` is DiscoPOP's temperature (TRL's default 0.05).
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; known: {', '.join(DPO_LOSS_TYPES)}")
-    # Beyond 1/2 the smoothed labels flip; robust DPO divides by 1 - 2 ls, so 1/2 itself is out too.
-    _check_label_smoothing(label_smoothing, 0.5, f"DPO loss_type={loss_type!r}")
-    if loss_type == "robust" and label_smoothing == 0.5:
-        raise ValueError("robust DPO divides by 1 - 2 * label_smoothing: label_smoothing must be below 0.5")
+    _check_dpo_args(
+        loss_type, label_smoothing, chosen_lengths is not None and rejected_lengths is not None, discopop_tau
+    )
     pc, pr, rc, rr = (
         _f32(x) for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     )
-    if loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError(
-                "loss_type='ipo' is length-normalised: pass chosen_lengths and rejected_lengths "
-                "(completion token counts per example)"
-            )
-        pc, rc = _per_token(pc, chosen_lengths), _per_token(rc, chosen_lengths)
-        pr, rr = _per_token(pr, rejected_lengths), _per_token(rr, rejected_lengths)
-
     chosen_rewards = jax.lax.stop_gradient(beta * (pc - rc))
     rejected_rewards = jax.lax.stop_gradient(beta * (pr - rr))
 
     if reference_free:
         rc, rr = jnp.zeros_like(rc), jnp.zeros_like(rr)
     a, r = pc - rc, pr - rr  # chosen / rejected log-ratios
-    # TRL's order of operations, (pc - pr) - (rc - rr): a - r in exact arithmetic.
-    logits = (pc - pr) - (rc - rr)
-    z = beta * logits
+    if loss_type in LENGTH_NORMALISED_TYPES:
+        a, r = _per_token(a, chosen_lengths), _per_token(r, rejected_lengths)
 
-    if loss_type == "sigmoid":
-        losses = _smoothed_sigmoid(z, label_smoothing)
-    elif loss_type == "hinge":
-        losses = jax.nn.relu(1.0 - z)
-    elif loss_type == "ipo":
+    if loss_type in _PER_RATIO_TYPES:
+        losses = _per_ratio_loss(loss_type, a, r, beta, bco_delta)
+    else:
+        if loss_type == "aot":
+            margin = _rank_matched_margin(pc - pr, rc - rr, pair_mask)
+        elif loss_type == "aot_unpaired":
+            margin = _rank_matched_margin(a, r, pair_mask)
+        else:
+            margin = a - r
+        losses = _margin_loss(loss_type, margin, beta, label_smoothing, discopop_tau)
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _margin_loss(loss_type: str, margin: jax.Array, beta: float, label_smoothing: float, tau: float) -> jax.Array:
+    """Types that depend on the pair only through its log-ratio margin (a - r, or AOT's matched one)."""
+    z = beta * margin
+    ls = label_smoothing
+    if loss_type in ("sigmoid", "sigmoid_norm", "aot", "aot_unpaired"):
+        return _smoothed_sigmoid(z, ls)
+    if loss_type == "hinge":
+        return jax.nn.relu(1.0 - z)
+    if loss_type == "ipo":
         # Eq. 17 of the IPO paper; beta plays tau, the regularisation strength.
-        losses = jnp.square(logits - 1.0 / (2.0 * beta))
-    elif loss_type == "robust":
-        ls = label_smoothing
-        losses = (-(1.0 - ls) * jax.nn.log_sigmoid(z) + ls * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * ls)
-    elif loss_type == "exo_pair":
+        return jnp.square(margin - 1.0 / (2.0 * beta))
+    if loss_type == "robust":
+        return (-(1.0 - ls) * jax.nn.log_sigmoid(z) + ls * jax.nn.log_sigmoid(-z)) / (1.0 - 2.0 * ls)
+    if loss_type == "exo_pair":
         # Eq. 16 of EXO: reverse KL from the model's pair probabilities (sig(z), sig(-z)) to the smoothed
         # labels (1 - eps, eps); eps > 0 keeps log(eps) finite.
-        eps = label_smoothing or _EXO_DEFAULT_EPSILON
-        losses = jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        eps = ls or _EXO_DEFAULT_EPSILON
+        return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
             jax.nn.log_sigmoid(-z) - math.log(eps)
         )
-    elif loss_type == "bco_pair":
-        cr, rj = beta * a, beta * r
-        delta = jnp.mean(jnp.stack([cr, rj])) if bco_delta is None else _f32(bco_delta)
-        delta = jax.lax.stop_gradient(delta)
-        losses = -jax.nn.log_sigmoid(cr - delta) - jax.nn.log_sigmoid(-(rj - delta))
-    elif loss_type == "sppo_hard":
+    # discopop, Eq. 5 of the paper: a logistic loss blended into an exponential one as z grows. 1 - m is
+    # written sig(-z / tau), and m e^-z as exp(s(z / tau) - z): the same values, but for z << 0 e^-z
+    # overflows where m underflows to 0, and inf * 0 would be nan; this form stays finite for tau <= 1.
+    return -jax.nn.sigmoid(-z / tau) * jax.nn.log_sigmoid(z) + jnp.exp(jax.nn.log_sigmoid(z / tau) - z)
+
+
+def _per_ratio_loss(
+    loss_type: str, a: jax.Array, r: jax.Array, beta: float, bco_delta: jax.Array | float | None
+) -> jax.Array:
+    """Types that score the chosen and rejected log-ratios a, r each on its own (cr, rj: their rewards)."""
+    cr, rj = beta * a, beta * r
+    if loss_type == "bco_pair":
+        delta = 0.0 if bco_delta is None else jax.lax.stop_gradient(_f32(bco_delta))
+        return -jax.nn.log_sigmoid(cr - delta) - jax.nn.log_sigmoid(-(rj - delta))
+    if loss_type == "sppo_hard":
         # SPPO with the win probability set to 1 for the chosen and 0 for the rejected completion.
-        losses = jnp.square(a - 0.5 / beta) + jnp.square(r + 0.5 / beta)
-    elif loss_type == "nca_pair":
-        cr, rj = beta * a, beta * r
-        losses = -jax.nn.log_sigmoid(cr) - 0.5 * jax.nn.log_sigmoid(-cr) - 0.5 * jax.nn.log_sigmoid(-rj)
-    elif loss_type == "apo_zero":
+        return jnp.square(a - 0.5 / beta) + jnp.square(r + 0.5 / beta)
+    if loss_type == "nca_pair":
+        return -jax.nn.log_sigmoid(cr) - 0.5 * jax.nn.log_sigmoid(-cr) - 0.5 * jax.nn.log_sigmoid(-rj)
+    if loss_type == "apo_zero":
         # Chosen outputs are better than the model's own: push the chosen up and the rejected down.
         # 1 - sig(x) is written sig(-x): the same value without cancellation when sig(x) is near 1.
-        losses = jax.nn.sigmoid(-beta * a) + jax.nn.sigmoid(beta * r)
-    else:  # apo_down
-        # Chosen outputs are worse than the model's own: push both down, the rejected more.
-        losses = jax.nn.sigmoid(beta * a) + jax.nn.sigmoid(-beta * (a - r))
-    return losses, chosen_rewards, rejected_rewards
+        return jax.nn.sigmoid(-cr) + jax.nn.sigmoid(rj)
+    # apo_down: chosen outputs are worse than the model's own: push both down, the rejected more.
+    return jax.nn.sigmoid(cr) + jax.nn.sigmoid(-beta * (a - r))
+
+
+def _rank_matched_margin(x: jax.Array, y: jax.Array, pair_mask: jax.Array | None) -> jax.Array:
+    """x_i minus the y that holds x_i's rank among the real pairs: AOT's sorted difference, slot k
+    reported at the pair whose x is k-th smallest. Padding sorts last (its sort key is +inf), so real
+    pairs only meet real pairs; the gathered values themselves stay finite, and the integer ranks carry
+    no gradient, so gradients reach x directly and y through the gather."""
+    shape = x.shape
+    x, y = x.reshape(-1), y.reshape(-1)
+    real = jnp.ones(x.shape, bool) if pair_mask is None else jnp.asarray(pair_mask).reshape(-1) > 0
+    x_order = jnp.argsort(jnp.where(real, x, jnp.inf), stable=True)
+    y_sorted = y[jnp.argsort(jnp.where(real, y, jnp.inf), stable=True)]
+    x_rank = jnp.zeros_like(x_order).at[x_order].set(jnp.arange(x.size, dtype=x_order.dtype))
+    return (x - y_sorted[x_rank]).reshape(shape)
 
 
 def simpo_loss(

@@ -47,6 +47,8 @@ def objective_of(config: ml_collections.ConfigDict) -> Objective:
         desirable_weight=float(d.desirable_weight),
         undesirable_weight=float(d.undesirable_weight),
         reference_free=bool(d.reference_free),
+        bco_shift=d.bco_shift,
+        discopop_tau=float(d.discopop_tau),
     )
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from align_jax.losses.preference import (
     DPO_LOSS_TYPES,
+    LENGTH_NORMALISED_TYPES,
     dpo_loss,
     kto_kl_baseline,
     kto_loss,
@@ -86,17 +87,12 @@ def test_hinge():
 
 def test_ipo_is_length_normalised():
     losses, cr, rj = run_dpo("ipo", chosen_lengths=jnp.asarray(CHOSEN_LEN), rejected_lengths=jnp.asarray(REJECTED_LEN))
-    norm = pairs(
-        [x / n for x, n in zip(PC, CHOSEN_LEN, strict=True)],
-        [x / n for x, n in zip(PR, REJECTED_LEN, strict=True)],
-        [x / n for x, n in zip(RC, CHOSEN_LEN, strict=True)],
-        [x / n for x, n in zip(RR, REJECTED_LEN, strict=True)],
-    )
+    norm = [(a / lc, r / lr) for (a, r), lc, lr in zip(pairs(), CHOSEN_LEN, REJECTED_LEN, strict=True)]
     close(losses, [(a - r - 1 / (2 * BETA)) ** 2 for a, r in norm])
     assert float(losses[2]) == pytest.approx(25.0, rel=1e-6)  # zero margin: (1 / (2 beta))^2
-    # Rewards come from the per-token logps, as TRL's IPO feeds normalised logps everywhere.
-    close(cr, [BETA * a for a, _ in norm])
-    close(rj, [BETA * r for _, r in norm])
+    # Rewards come from the summed logps, as TRL 1.x reports them: only the loss is per token.
+    close(cr, [BETA * a for a, _ in pairs()])
+    close(rj, [BETA * r for _, r in pairs()])
 
 
 def test_ipo_without_lengths_raises():
@@ -136,19 +132,26 @@ def test_exo_pair(ls, eps):
     close(losses, expected)
 
 
-def test_bco_pair_batch_mean_delta_and_explicit_delta():
+def test_bco_pair_has_no_shift_by_default_and_takes_an_explicit_delta():
     losses, cr, rj = run_dpo("bco_pair")
     ps = pairs()
-    delta = sum(BETA * a + BETA * r for a, r in ps) / (2 * len(ps))
-    close(losses, [-log_sigmoid(BETA * a - delta) - log_sigmoid(-(BETA * r - delta)) for a, r in ps])
+    # TRL 1.x: no reward shift.
+    close(losses, [-log_sigmoid(BETA * a) - log_sigmoid(-BETA * r) for a, r in ps])
     close(cr, [BETA * a for a, _ in ps])
     close(rj, [BETA * r for _, r in ps])
-    losses, _, _ = run_dpo("bco_pair", bco_delta=0.25)
-    close(losses, [-log_sigmoid(BETA * a - 0.25) - log_sigmoid(-(BETA * r - 0.25)) for a, r in ps])
+    # The old default, the batch-mean reward as delta, is what passing that mean gives.
+    delta = sum(BETA * a + BETA * r for a, r in ps) / (2 * len(ps))
+    losses, _, _ = run_dpo("bco_pair", bco_delta=delta)
+    close(losses, [-log_sigmoid(BETA * a - delta) - log_sigmoid(-(BETA * r - delta)) for a, r in ps])
 
 
 def test_bco_pair_delta_carries_no_gradient():
-    grad = jax.grad(lambda pc: run_dpo("bco_pair", pc=pc)[0].sum())(f32(PC))
+    def total(pc):
+        a = pc - f32(RC)
+        delta = BETA * (a.sum() + (f32(PR) - f32(RR)).sum()) / 8  # depends on pc, yet held constant
+        return run_dpo("bco_pair", pc=pc, bco_delta=delta)[0].sum()
+
+    grad = jax.grad(total)(f32(PC))
     ps = pairs()
     delta = sum(BETA * a + BETA * r for a, r in ps) / (2 * len(ps))
     # d/dpc_i of -log_sigmoid(beta a_i - delta) with delta held constant.
@@ -207,7 +210,7 @@ def test_sigmoid_gradient_direction():
 def test_extreme_logits_stay_finite(loss_type):
     # z = beta * (a - r) = +-7998: far past where a naive log(sigmoid(z)) overflows or hits log(0).
     pc, pr, rc, rr = [-1.0, -5000.0], [-5000.0, -1.0], [-3000.0, -1.0], [-1.0, -3000.0]
-    kw = dict(chosen_lengths=jnp.ones(2), rejected_lengths=jnp.ones(2)) if loss_type == "ipo" else {}
+    kw = dict(chosen_lengths=jnp.ones(2), rejected_lengths=jnp.ones(2)) if loss_type in LENGTH_NORMALISED_TYPES else {}
 
     def total(pc):
         return run_dpo(loss_type, pc=pc, pr=pr, rc=rc, rr=rr, beta=1.0, **kw)[0].sum()
@@ -222,7 +225,8 @@ def test_extreme_logits_stay_finite(loss_type):
 @pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
 def test_shapes_are_kept_under_jit(loss_type):
     x = jnp.linspace(-20.0, -1.0, 6, dtype=jnp.float32).reshape(2, 3)
-    kw = dict(chosen_lengths=jnp.full((2, 3), 3), rejected_lengths=jnp.full((2, 3), 5)) if loss_type == "ipo" else {}
+    lengths = dict(chosen_lengths=jnp.full((2, 3), 3), rejected_lengths=jnp.full((2, 3), 5))
+    kw = lengths if loss_type in LENGTH_NORMALISED_TYPES else {}
     fn = jax.jit(functools.partial(dpo_loss, beta=BETA, loss_type=loss_type, **kw))
     outs = fn(x, x[::-1], x - 1.0, x + 0.5)
     assert [o.shape for o in outs] == [(2, 3)] * 3 and all(o.dtype == jnp.float32 for o in outs)
