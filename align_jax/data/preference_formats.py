@@ -15,6 +15,23 @@ Paired rows may carry absolute scores `chosen_score` and `rejected_score` (Ultra
   unpaired  {"prompt": [...], "completion": [assistant msg], "label": bool}
 Every problem (a missing field, identical responses, prompts that differ, no or an empty final assistant turn,
 half or non-finite scores, ...) is a BadRowError naming file, row and field, under the on_bad_row policy.
+
+Public datasets, rows as `datasets` gives them (a Parquet export, a save_to_disk directory, JSONL, or the hub name
+with its split; tests/data/test_preference_schemas.py holds fixtures in their exact schemas):
+  Anthropic/hh-rlhf (hh_rlhf). Its quirks: leading blank lines or spaces that differ between the two transcripts
+    and around turns are ignored (turns are stripped). Some rows have two transcripts that part before the last
+    reply (a different number of turns, or an earlier turn that differs): their preference is about more than
+    one reply, so no prompt/response split of them is right. Rows with an empty or identical final reply compare
+    nothing. All three are BadRowErrors naming file, row and field: under the default data.on_bad_row="error"
+    the first stops the run, "skip" counts and passes over them. (TRL instead keeps the common text up to the
+    last shared "Assistant:" as the prompt and the rest, later Human turns included, as one response.)
+  HuggingFaceH4/ultrafeedback_binarized (preference; splits train_prefs / test_prefs). chosen and rejected repeat
+    the user turn; the `messages` column beside them is ignored (it is the chosen conversation again, for SFT);
+    score_chosen / score_rejected become the absolute scores (the rm stage's score_weight term). Ties
+    (score_chosen == score_rejected, which the binarisation leaves in) are kept, as TRL keeps them: their
+    Bradley-Terry / DPO term is noise around an arbitrary order, but the score term still learns that both are
+    worth the same, and dropping them would silently make the train set differ from everyone else's. To drop
+    them, filter first: `ds.filter(lambda r: r["score_chosen"] != r["score_rejected"])`.
 """
 
 from __future__ import annotations
@@ -102,9 +119,11 @@ def _shared_prompt(r: _Reader, chosen: list[Message], rejected: list[Message]) -
     a, b = _key(chosen[:-1]), _key(rejected[:-1])
     if a != b:
         turn = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))) + 1
+        counts = f" (chosen has {len(chosen)} turns, rejected {len(rejected)})" if len(a) != len(b) else ""
         raise r.fail(
             "rejected",
-            f"differs from 'chosen' at turn {turn}, before the last assistant turn: a pair must share its prompt",
+            f"differs from 'chosen' at turn {turn}{counts}, before the last assistant turn: a pair must share its "
+            "prompt",
         )
     _check_prompt(r, chosen[:-1], "chosen")
     return chosen[:-1], chosen[-1:], rejected[-1:]

@@ -10,7 +10,9 @@ neither the file nor the row, which is exactly the error we want to give well.
 Source specs (`open_source`):
   "data/train.jsonl", "data/*.parquet", ["a.jsonl", "b.json"]   local files (glob patterns allowed)
   "tfds:NAME/SPLIT"                                            TFDS (needs the `tfds` extra)
-  "org/name" or "org/name:SPLIT", a local dataset directory    `datasets.load_dataset` / `load_from_disk`
+  "org/name" or "org/name:SPLIT"                               `datasets.load_dataset` (a hub name or a local
+                                                               directory of data files)
+  "DIR" or "DIR:SPLIT", DIR written by `save_to_disk`          `datasets.load_from_disk` (SPLIT of a DatasetDict)
   {"path": ..., "split": ..., **kwargs}                        `datasets.load_dataset(**spec)`
 """
 
@@ -210,6 +212,27 @@ def _open_tfds(spec: str) -> RowSource:
     return IndexedSource(spec, rows, decode_bytes=True)
 
 
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")
+    )
+
+
+def _open_saved(path: str, split: str | None, named: bool) -> RowSource:
+    """A directory written by `save_to_disk`: a Dataset, or a DatasetDict read at `split`. `named`: the spec
+    said 'DIR:SPLIT' (a split that a split-less Dataset cannot honour, so it is refused rather than ignored)."""
+    import datasets
+
+    ds = datasets.load_from_disk(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None or split not in ds:
+            raise ValueError(f"{path} holds splits {sorted(ds)}, not {split!r}: name one as '{path}:SPLIT'")
+        return IndexedSource(f"{path}[{split}]", ds[split])
+    if named:
+        raise ValueError(f"{path} holds one dataset without splits: give it as {path!r}, without ':{split}'")
+    return IndexedSource(path, ds)
+
+
 def _open_datasets(spec: str | Mapping[str, Any], default_split: str | None) -> RowSource:
     import datasets
 
@@ -220,15 +243,14 @@ def _open_datasets(spec: str | Mapping[str, Any], default_split: str | None) -> 
             raise ValueError(f"dataset spec {spec!r}: give a 'split'")
         name = f"{kwargs.get('path')}[{kwargs['split']}]"
         return IndexedSource(name, datasets.load_dataset(**kwargs))
-    if os.path.isdir(spec) and any(os.path.exists(os.path.join(spec, f)) for f in ("state.json", "dataset_dict.json")):
-        ds = datasets.load_from_disk(spec)  # a directory written by save_to_disk
-        if isinstance(ds, datasets.DatasetDict):
-            if default_split is None or default_split not in ds:
-                raise ValueError(f"{spec} holds splits {sorted(ds)}, not {default_split!r}")
-            ds = ds[default_split]
-        return IndexedSource(spec, ds)
+    if _is_saved_dataset(spec):
+        return _open_saved(spec, default_split, named=False)
     if ":" in spec and not os.path.exists(spec):
         path, split = spec.rsplit(":", 1)
+        # load_dataset on a save_to_disk directory would read its Arrow shards as a fresh dataset with made-up
+        # splits (or refuse), so a 'DIR:SPLIT' of one goes to load_from_disk.
+        if _is_saved_dataset(path):
+            return _open_saved(path, split, named=True)
     elif default_split is not None:
         path, split = spec, default_split
     else:
