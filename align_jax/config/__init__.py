@@ -12,6 +12,8 @@ a second, not after compilation. Each section's checks live beside its defaults.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from align_jax.config.sections import (
@@ -110,4 +112,15 @@ def validate_pipeline(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if "eval" in names:
         positive(c, "eval.max_new_tokens", "eval.seq_len", "eval.batch_size")
         one_of(c.eval.dtype, ("float32", "bfloat16"), "eval.dtype")
+        _validate_ifeval(c)
     return c
+
+
+def _validate_ifeval(c: ml_collections.ConfigDict) -> None:
+    """config.eval.ifeval (optional: configs may predate it) names a file that exists, checked now rather
+    than when the eval stage reaches it after every training stage."""
+    if "ifeval_max_new_tokens" in c.eval:
+        positive(c, "eval.ifeval_max_new_tokens")
+    path = c.eval.get("ifeval", "")
+    if path and path != "demo" and not os.path.isfile(resolve_data_path(path)):
+        raise ConfigValueError(f"config.eval.ifeval={path!r}: no such file (an IFEval JSONL file, or 'demo')")

@@ -72,6 +72,12 @@ _KNOWN = [
         "constraints/n_instructions",
         "checks",
     ),
+    _m("ifeval/prompt_strict", "IFEval, prompt level, strict", HIGHER, RATE, "ifeval/n_prompts", "prompts"),
+    _m(
+        "ifeval/inst_strict", "IFEval, instruction level, strict", HIGHER, RATE, "ifeval/n_instructions", "instructions"
+    ),
+    _m("ifeval/prompt_loose", "IFEval, prompt level, loose", HIGHER, RATE, "ifeval/n_prompts", "prompts"),
+    _m("ifeval/inst_loose", "IFEval, instruction level, loose", HIGHER, RATE, "ifeval/n_instructions", "instructions"),
     _m("reward/mean", "Mean RM reward of greedy responses", HIGHER, REWARD, "reward/n", "prompts"),
     _m("reward/std", "Std of RM rewards of greedy responses", NEITHER, REWARD, "reward/n", "prompts"),
     _m("winrate/vs_reference", "Win rate vs the reference model (RM)", HIGHER, RATE, "reward/n", "prompts"),
@@ -102,6 +108,8 @@ _KNOWN = [
 _COUNTS = {
     "constraints/n_prompts": "Constraint prompts",
     "constraints/n_instructions": "Constraint checks",
+    "ifeval/n_prompts": "IFEval prompts",
+    "ifeval/n_instructions": "IFEval instructions",
     "pas/n_prompts": "PAS constraint prompts",
     "pas/n_instructions": "PAS constraint checks",
     "reward/n": "Reward prompts",
@@ -114,6 +122,8 @@ KNOWN.update({k: _m(k, name, decimals=COUNT, kind="count") for k, name in _COUNT
 _PATTERNS = [
     ("constraints/check/", "Check “{}” pass rate", "constraints/instruction_acc"),
     ("constraints/category/", "Category “{}”, prompt level", "constraints/prompt_acc"),
+    ("ifeval/strict/", "IFEval “{}”, strict", "ifeval/inst_strict"),
+    ("ifeval/loose/", "IFEval “{}”, loose", "ifeval/inst_loose"),
 ]
 _RANK = {k: i for i, k in enumerate(KNOWN)}
 

@@ -5,6 +5,8 @@ the seeded scratch init the SFT stage began from; any other name = that stage's 
 through `align_jax.eval.suite.evaluate_model`: constraint following on a bundled prompt set, perplexity
 on held-out SFT data, the mean reward of its greedy responses under the pipeline's reward model, and
 its win rate against `config.eval.reference` (the SFT model by default) under that reward model. With
+`config.eval.ifeval` set (an IFEval input file, or "demo") it adds IFEval's strict and loose accuracies,
+with responses of up to `config.eval.ifeval_max_new_tokens` tokens (1280 where the key is absent). With
 a `pas` stage it also measures constraint following on PAS-augmented prompts. The reward model itself
 gets its held-out pair accuracy. Results are kept in WORKDIR/eval/<name>.json under a key of what
 produced them (the model's checkpoint step and the eval settings), so a rerun measures only what
@@ -24,6 +26,7 @@ import ml_collections
 
 from align_jax import checkpoint
 from align_jax.data.sources import iter_jsonl
+from align_jax.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
 from align_jax.workdir import fingerprint, resolve_data_path
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,13 @@ def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16)
     cfg = dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat_policy="none")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(sft_dir, TOKENIZER_DIR))
     return ChatModel(cfg, params, tokenizer, sharder=default_sharder(), name="base", batch_size=batch_size)
+
+
+def _ifeval_path(e: ml_collections.ConfigDict) -> str | None:
+    """config.eval.ifeval as evaluate_model takes it: None when off ("" or absent: configs that predate
+    IFEval), "demo" as is, demo:NAME resolved to its bundled file."""
+    path = e.get("ifeval", "")
+    return resolve_data_path(path) if path else None
 
 
 def _cached(path: str, key: dict, compute) -> dict:
@@ -186,6 +196,8 @@ class _ModelEval:
         metrics = evaluate_model(
             model,
             constraints=e.constraints or None,
+            ifeval=_ifeval_path(e),
+            ifeval_max_new_tokens=int(e.get("ifeval_max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
             sft_eval=resolve_data_path(e.sft_eval) if e.sft_eval else None,
             scorer=self.scorer,
             reward_prompts=self.reward_prompts or None,
