@@ -93,6 +93,11 @@ def get_config(arg: str = "tiny"):
     c.eval.reward_prompts = "demo:rl_eval"  # reward and win rate of greedy responses to these prompts
     c.eval.num_reward_prompts = 96
     c.eval.max_new_tokens = 48
+    # IFEval (align_jax/eval/ifeval.py): its own input format, a JSONL path (e.g. Google's input_data.jsonl)
+    # or "demo" (36 prompts written here, every instruction id); "" to skip. Responses as long as IFEval
+    # runs allow them.
+    c.eval.ifeval = "demo"
+    c.eval.ifeval_max_new_tokens = 1280
     c.eval.limit = 0  # constraint prompts to use (0: all)
     c.eval.seq_len = 256
     c.eval.batch_size = 16
@@ -101,6 +106,10 @@ def get_config(arg: str = "tiny"):
     # local device): float32 for the tiny CPU demo, bfloat16 for real models.
     c.eval.dtype = "float32"
 
+    if arg == "tiny":
+        # The 0.8M-parameter models answer in a sentence or two; a long budget would only time the rows that
+        # never stop.
+        c.eval.ifeval_max_new_tokens = 128
     if arg == "llama3_8b":
         c.eval.constraints = "general"
         c.eval.max_new_tokens = 512

@@ -28,12 +28,17 @@ ROWS = (
     ("winrate/vs_reference", "win rate against the SFT model under the RM", 3),
     ("ppl", "perplexity on held-out SFT chats ({n} tokens)", 2),
     ("pas/prompt_acc", "constraint following on PAS-augmented prompts", 3),
+    ("ifeval/prompt_strict", "IFEval, prompt-level strict accuracy ({n} demo prompts in IFEval's format)", 3),
+    ("ifeval/inst_strict", "IFEval, instruction-level strict accuracy ({n} instructions)", 3),
+    ("ifeval/inst_loose", "IFEval, instruction-level loose accuracy", 3),
 )
 COUNTS = {
     "constraints/prompt_acc": "constraints/n_prompts",
     "constraints/instruction_acc": "constraints/n_instructions",
     "reward/mean": "reward/n",
     "ppl": "ppl/tokens",
+    "ifeval/prompt_strict": "ifeval/n_prompts",
+    "ifeval/inst_strict": "ifeval/n_instructions",
 }
 # How far a checked number may move before the README is stale: rates and rewards by an absolute amount
 # (a few prompts flipping), perplexity relatively. Float rounding across machines stays well inside these.
