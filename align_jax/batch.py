@@ -59,7 +59,20 @@ REFERENCE_LOGPS = _fields(
 
 # One rollout (grpo): sampled responses as one segment per row, scored before the update.
 ROLLOUT_FIELDS = _fields(
-    Field("old_logp", "float32", "B T", "log-prob of token t+1 at position t under the sampling policy (last 0)"),
+    Field(
+        "old_logp",
+        "float32",
+        "B T",
+        "log-prob of token t+1 at position t, teacher-forced under the trainer's params when the rollout was scored "
+        "(last 0): the ratio's denominator",
+    ),
+    Field(
+        "sampler_logp",
+        "float32",
+        "B T",
+        "same token's log-prob as the sampler computed it while drawing it, under whatever params sampled (0 off "
+        "the completion): the behaviour policy, for the mismatch metrics and truncated importance sampling",
+    ),
     Field("ref_logp", "float32", "B T", "same under the frozen reference"),
     Field("advantages", "float32", "B T", "per-token advantage (GRPO: group-normalised score - KL to come)"),
 )

@@ -2,9 +2,17 @@
 
 One rollout: `batch_size / group_size` prompts from the prompt stream (optionally augmented, the PAS
 hook) -> `group_size` samples each from the current policy (align_jax/generate.py) -> rewards (rules
-and/or a trained RM, align_jax/rewards.py) -> one teacher-forced pass of the policy and the frozen
-reference over the samples (the old log-probs and the per-token KL) -> advantages. The batch is reused
-for `updates_per_rollout` optimizer steps. Field meanings: align_jax/batch.py (ROLLOUT_FIELDS).
+and/or a trained RM, align_jax/rewards.py; DAPO's overlong shaping) -> with dynamic sampling, more rounds
+of prompts until the batch holds only groups whose rewards differ (or the rounds run out) -> one
+teacher-forced pass of the policy and the frozen reference over the samples (the old log-probs and the
+per-token KL) -> advantages (losses/advantages.py). The batch is reused for `updates_per_rollout`
+optimizer steps. Field meanings: align_jax/batch.py (ROLLOUT_FIELDS).
+
+Sampler and trainer share one model definition, so the sampler's log-probs of its tokens (sampler_logp)
+and the trainer's teacher-forced ones (old_logp) agree up to float error when the params are the same;
+`logp_mismatch/*` measures it every rollout. old_logp is always the trainer's under the params the
+rollout is scored with; sampler_logp is under whatever params sampled (the same here; older ones for a
+sampler that runs a step behind), and truncated importance sampling (tis_cap) corrects for the gap.
 """
 
 from __future__ import annotations
@@ -22,11 +30,14 @@ import numpy as np
 from align_jax.batch import TOKEN_FIELDS
 from align_jax.data.prompts import PromptStream, prompt_messages
 from align_jax.data.tokenize import end_of_turn_ids
+from align_jax.env_rollout import EnvSampling, env_rollout
 from align_jax.generate import generate
+from align_jax.losses import advantages as adv_lib
 from align_jax.losses import rl
 from align_jax.losses.grpo import reference_topk_of, score_samples
 from align_jax.models.apply import ApplyFn, forward
 from align_jax.models.config import ModelConfig
+from align_jax.sample_ahead import SampleAhead
 from align_jax.sharding import Sharder
 from align_jax.train import loop
 
@@ -34,6 +45,16 @@ from align_jax.train import loop
 def pad_last(x_BT1: jax.Array) -> jax.Array:
     """[B, T-1] per-target values -> [B, T] (a zero last column), the shape every batch field has."""
     return jnp.pad(jnp.asarray(x_BT1, jnp.float32), ((0, 0), (0, 1)))
+
+
+def place_sampler_logp(logprobs_BN: np.ndarray, prompt_len: np.ndarray, gen_len: np.ndarray, width: int) -> np.ndarray:
+    """The sampler's log-probs [B, N] of its completion tokens -> [B, width] in old_logp's layout: completion token
+    j sits at sequence position plen + j and is predicted at column plen + j - 1. 0 elsewhere."""
+    cols = np.arange(width)[None, :]
+    j = cols - prompt_len[:, None] + 1
+    real = (j >= 0) & (j < gen_len[:, None])
+    taken = np.take_along_axis(np.asarray(logprobs_BN, np.float32), np.clip(j, 0, logprobs_BN.shape[1] - 1), axis=1)
+    return np.where(real, taken, 0.0).astype(np.float32)
 
 
 def kl_to_come(adv: np.ndarray, kl_tok: np.ndarray, mask: np.ndarray, kl_coef: float) -> np.ndarray:
@@ -61,6 +82,7 @@ class Rollouts:
         prompts: PromptStream,
         ptx: Any = None,
         value_fn: ApplyFn | None = None,
+        env: Callable[[], Any] | None = None,
         batch_size: int,
         seed: int,
     ):
@@ -73,7 +95,10 @@ class Rollouts:
         self._score = jax.jit(functools.partial(score_samples, apply_fn=policy_fn, estimator=g.kl_estimator, topk=k))
         self._ptx_ref = jax.jit(functools.partial(reference_topk_of, apply_fn=policy_fn, topk=k))
         self._values = jax.jit(functools.partial(forward, value_fn)) if value_fn is not None else None
+        self._mismatch = jax.jit(rl.logp_mismatch)
         self.cached, self.left, self.count, self.metrics = None, 0, 0, {}
+        self.env = env  # makes a fresh environment per episode (multi-turn rollouts), or None: single replies
+        self.ahead = SampleAhead(self._sample_job, int(g.rollout_staleness))
 
     def policy(self, state: Any) -> Any:
         return state.params["policy"] if self.ppo else state.params
@@ -113,7 +138,9 @@ class Rollouts:
             prompt_bucket=int(g.max_prompt_len),
             sharder=self.sharder,
         )
-        seqs, plen, glen = (np.asarray(jax.device_get(x)) for x in (out.sequences, out.prompt_lengths, out.lengths))
+        seqs, plen, glen, logprobs = (
+            np.asarray(jax.device_get(x)) for x in (out.sequences, out.prompt_lengths, out.lengths, out.logprobs)
+        )
         texts = self.decode(np.asarray(jax.device_get(out.tokens)), glen)
         cols = np.arange(seqs.shape[1])[None, :]
         end = (plen + glen)[:, None]
@@ -122,6 +149,7 @@ class Rollouts:
             "positions": np.where(cols < end, cols, 0).astype(np.int32),
             "segment_ids": (cols < end).astype(np.int32),
             "loss_mask": ((cols >= plen[:, None]) & (cols < end)).astype(np.int32),
+            "sampler_logp": place_sampler_logp(logprobs, plen, glen, seqs.shape[1]),
         }
         return prompts, kept, texts, host, glen
 
@@ -145,14 +173,14 @@ class Rollouts:
         return self.cached
 
     def rollout(self, run: Any, state: Any) -> tuple[dict[str, jax.Array], dict]:
-        n = int(self.g.group_size)
         t0 = time.perf_counter()
-        rows = self.prompts.take(self.batch_size // n)
-        seed = int(np.random.default_rng([self.seed, self.count]).integers(2**31))
         policy = self.policy(state)
-        prompts, kept, texts, host, glen = self.sample(policy, rows, n, greedy=False, seed=seed)
+        ((host, glen, scores, sampling), prompts_after), age = self.ahead.get(policy, self.count)
+        if self.ahead.staleness:
+            # A checkpoint now must resume after this rollout's prompts, not after those of the rollouts
+            # already being sampled ahead (their samples die with the process).
+            self.prompts.held = prompts_after
         t1 = time.perf_counter()
-        scores, parts = self.reward(prompts, texts, kept)
         batch = run.global_batch(host)
         old_logp, ref_logp, kl = self._score(policy, state.frozen, batch)
         mask = np.asarray(host["loss_mask"][:, 1:], np.float32)
@@ -164,25 +192,101 @@ class Rollouts:
             ref_logp=pad_last(ref_logp),
             advantages=run.global_batch({"a": adv.astype(np.float32)})["a"],
         )
+        mismatch = self._mismatch(batch["sampler_logp"][:, :-1], old_logp, batch["loss_mask"][:, 1:])
         if self.ptx is not None:
             batch.update(self.ptx_batch(run, state))
         jax.block_until_ready(batch)
         t2 = time.perf_counter()
         self.count += 1
-        self.metrics = self.rollout_metrics(scores, parts, kl_tok, mask, glen, t1 - t0, t2 - t1)
+        self.metrics = self.rollout_metrics(kl_tok, mask, glen, t1 - t0, t2 - t1)
+        self.metrics.update(sampling, rollout_age=float(age))
+        self.metrics.update({f"logp_mismatch/{k}": float(v) for k, v in mismatch.items()})
         return batch, loop.batch_stats(host)
 
+    def _sample_job(self, params: Any, count: int) -> tuple[tuple, dict]:
+        """Rollout `count`'s samples and the prompt stream's position after them (SampleAhead's job)."""
+        return self.sample_groups(params, count), self.prompts.state(live=True)
+
+    def draw(self, params, rows: list[tuple[Any, Any]], n: int, greedy: bool, seed: int):
+        """(host batch, response lengths, scores, reward parts) of n samples (or episodes) per prompt row."""
+        if self.env is None:
+            prompts, kept, texts, host, glen = self.sample(params, rows, n, greedy, seed)
+            return (host, glen, *self.reward(prompts, texts, kept))
+        g = self.g
+        settings = EnvSampling.from_config(g, greedy=greedy, max_len=int(g.data.seq_len))
+        out = env_rollout(self.model_cfg, params, self.tokenizer, rows, n, settings, seed, self.sharder, env=self.env)
+        # The environment is the reward; sampled counts every turn's tokens.
+        host = {**out.host, "sampler_logp": out.sampler_logp}
+        return host, out.sampled, out.rewards, {"env": out.rewards, "turns": out.turns.astype(np.float32)}
+
+    def sample_round(self, params: Any, index: int, count: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+        """(host batch, lengths, shaped scores, reward parts) of batch_size / group_size fresh prompts."""
+        g, n = self.g, int(self.g.group_size)
+        rows = self.prompts.take(self.batch_size // n)
+        key = [self.seed, count] + ([index] if index else [])  # round 0 keeps the seed it always had
+        seed = int(np.random.default_rng(key).integers(2**31))
+        host, glen, scores, parts = self.draw(params, rows, n, greedy=False, seed=seed)
+        if int(g.overlong_buffer):
+            pen = np.asarray(
+                adv_lib.overlong_penalty(glen, max_len=int(g.max_new_tokens), buffer=int(g.overlong_buffer))
+            )
+            parts = {**parts, "overlong": pen}
+            scores = (scores + float(g.overlong_penalty_factor) * pen).astype(np.float32)
+        return host, glen, scores, parts
+
+    def sample_groups(self, params: Any, count: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
+        """(host batch, lengths, scores, metrics) of batch_size responses in groups of group_size.
+
+        Dynamic sampling (DAPO; dynamic_sampling_max_rounds > 0): groups whose rewards are all equal are dropped and
+        another round of prompts is sampled, same shapes, until the batch is full of informative groups or the extra
+        rounds run out; then dropped groups fill what is left (their GRPO/RLOO advantage is 0). reward/* metrics
+        cover every sampled response (the policy's reward), not only the kept ones."""
+        n, n_groups = int(self.g.group_size), self.batch_size // int(self.g.group_size)
+        extra = int(self.g.dynamic_sampling_max_rounds)
+        rounds, informative, found = [], [], 0
+        while True:
+            rounds.append(self.sample_round(params, len(rounds), count))
+            informative.append(np.asarray(adv_lib.informative_groups(rounds[-1][2], n)))
+            found += int(informative[-1].sum())
+            if not extra or found >= n_groups or len(rounds) > extra:
+                break
+        scores = np.concatenate([r[2] for r in rounds])
+        metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std())}
+        metrics.update({f"reward/{k}": float(np.mean([r[3][k] for r in rounds])) for k in rounds[0][3]})
+        if not extra:
+            host, glen, scores, _ = rounds[0]
+            return host, glen, scores, {**metrics, "groups_constant": float(1.0 - informative[0].mean())}
+        keep, n_filler = adv_lib.fill_groups(np.concatenate(informative), n_groups)
+        rows = (keep[:, None] * n + np.arange(n)[None, :]).reshape(-1)
+        host = {k: np.concatenate([r[0][k] for r in rounds])[rows] for k in rounds[0][0]}
+        glen = np.concatenate([r[1] for r in rounds])[rows]
+        sampled = len(rounds) * n_groups
+        metrics.update(
+            groups_constant=n_filler / n_groups,
+            groups_dropped=float(sampled - found) / sampled,
+            sampling_rounds=float(len(rounds)),
+        )
+        return host, glen, scores[rows], metrics
+
     def advantages(self, state, batch, scores, kl_tok, mask) -> np.ndarray:
-        """[B, T-1] per-token advantages: GRPO's group-normalised scores (KL to come inside, kl_mode =
-        reward), or PPO's whitened GAE advantages."""
+        """[B, T-1] per-token advantages (config `advantage`): GRPO's group-normalised or RLOO's leave-one-out
+        scores (KL to come inside, kl_mode = reward), REINFORCE++'s batch-whitened returns, or PPO's whitened
+        GAE advantages."""
         g = self.g
         if self.ppo:
             return self.ppo_targets(state, batch, scores, kl_tok, mask)
-        adv = np.asarray(rl.group_advantages(jnp.asarray(scores), int(g.group_size), scale=g.advantage_scale))
+        n, kl_coef = int(g.group_size), float(g.kl_coef) if g.kl_mode == "reward" else 0.0
+        if g.advantage.startswith("reinforce_pp"):
+            group = n if g.advantage == "reinforce_pp_baseline" else None
+            return np.asarray(
+                adv_lib.reinforce_pp_advantages(scores, kl_tok, mask, kl_coef=kl_coef, group_size=group), np.float32
+            )
+        if g.advantage == "rloo":
+            adv = np.asarray(adv_lib.rloo_advantages(jnp.asarray(scores), n))
+        else:
+            adv = np.asarray(adv_lib.group_advantages(jnp.asarray(scores), n, scale=g.advantage_scale))
         adv = np.broadcast_to(adv[:, None], mask.shape) * mask
-        if g.kl_mode == "reward":
-            adv = kl_to_come(adv, kl_tok, mask, float(g.kl_coef))
-        return adv
+        return kl_to_come(adv, kl_tok, mask, kl_coef) if kl_coef else adv
 
     def ppo_targets(self, state, batch, scores, kl_tok, mask) -> np.ndarray:
         """PPO: token rewards (KL inside, score at the end), values of the old value model, GAE; stores the
@@ -204,12 +308,9 @@ class Rollouts:
             out["ptx_ref_values"], out["ptx_ref_indices"] = self._ptx_ref(state.frozen, batch)
         return out
 
-    def rollout_metrics(self, scores, parts, kl_tok, mask, glen, sample_s: float, score_s: float) -> dict:
+    def rollout_metrics(self, kl_tok, mask, glen, sample_s: float, score_s: float) -> dict:
         kl_seq = kl_tok.sum(axis=1)
         return {
-            "reward/mean": float(scores.mean()),
-            "reward/std": float(scores.std()),
-            **{f"reward/{k}": float(v.mean()) for k, v in parts.items()},
             "kl": float(kl_seq.sum() / max(mask.sum(), 1.0)),
             "kl/sequence": float(kl_seq.mean()),
             "response_length": float(glen.mean()),
@@ -228,8 +329,8 @@ class Rollouts:
             chunk = rows[lo : lo + bs]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (bs - real)  # a full batch: one compiled shape
-            prompts, kept, texts, _, glen = self.sample(self.policy(state), chunk, 1, greedy=True, seed=0)
-            scores, parts = self.reward(prompts[:real], texts[:real], kept[:real])
+            _, glen, scores, parts = self.draw(self.policy(state), chunk, 1, greedy=True, seed=0)
+            scores, parts = scores[:real], {k: v[:real] for k, v in parts.items()}
             totals += float(scores.sum())
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v.sum())

@@ -12,6 +12,27 @@ update time of every step. `--config.algorithm=ppo` runs PPO instead: a value mo
 decoder + a fresh scalar head) trained beside the policy, KL in the per-token reward, GAE advantages,
 clipped value loss.
 
+Variants, set by key (none changes a preset; config/stage_sections.GRPO_RECIPES holds DAPO's, Dr. GRPO's,
+GSPO's and CISPO's settings for `c.update(...)`):
+  policy_loss                ppo_clip (default) | gspo (sequence-level ratio; gspo_clip_eps=3e-4,
+                             gspo_clip_eps_high=4e-4; normalise=sequence) | cispo (clipped IS weight as a
+                             constant; bounds clip_eps, clip_eps_high)
+  advantage                  grpo (default; advantage_scale std | none = Dr. GRPO) | rloo | reinforce_pp |
+                             reinforce_pp_baseline
+  normalise                  token (default) | sequence | constant (Dr. GRPO: / (samples x max_new_tokens))
+  clip_eps_high              DAPO's clip-higher (0: = clip_eps)
+  dynamic_sampling_max_rounds  DAPO: extra prompt rounds to replace groups with equal rewards (0: off)
+  overlong_buffer            DAPO's overlong shaping over the last N of max_new_tokens (0: off), weight
+                             overlong_penalty_factor (1.0)
+  tis_cap                    truncated importance sampling of the sampler's log-probs (0: off; e.g. 2)
+  rollout_staleness          sample rollout k + s in a background thread while rollout k trains (0: off;
+                             set tis_cap with it)
+  env, env_max_turns         multi-turn episodes against an environment (align_jax/envs/, e.g. calculator)
+                             that is the reward; rows of data.seq_len tokens, environment tokens not trained
+Every step also logs the sampler/trainer log-prob mismatch (logp_mismatch/max, /mean, /kl), the clip
+fractions (clip_fraction_low/_high) and the share of groups with equal rewards (groups_constant;
+groups_dropped and sampling_rounds with dynamic sampling).
+
 Presets:
   tiny       The CPU demo, after `configs/sft.py:tiny` (--config.init_from=runs/sft-demo): the bundled
              RL prompts (align_jax/data/demo/rl_*.jsonl: arithmetic, comparisons, word tasks, each

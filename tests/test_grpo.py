@@ -169,3 +169,97 @@ def test_grpo_samples_from_pas_augmented_prompts_in_one_call_per_rollout(sft_dir
         assert all(p[-1]["content"].endswith("\n\nAnswer briefly.") for p in prompts) and len(prompts) == 24
     finally:
         AUGMENTERS.pop("pas-scripted", None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(policy_loss="gspo", normalise="token"), "normalise='sequence'"),
+        (dict(policy_loss="ppo2"), "policy_loss"),
+        (dict(advantage="rloo", algorithm="ppo"), "critic-free"),
+        (dict(tis_cap=0.5), "tis_cap"),
+        (dict(overlong_buffer=99), "overlong_buffer"),
+        (dict(dynamic_sampling_max_rounds=2, group_size=1, advantage_scale="none"), "dynamic sampling needs"),
+        (dict(clip_eps=0.0), "clip_eps"),
+    ],
+)
+def test_variant_settings_are_checked(change, message):
+    from align_jax.config import ConfigValueError, validate
+    from align_jax.config.stage_sections import GRPO_RECIPES
+
+    for recipe in GRPO_RECIPES.values():  # every recipe's settings validate on the tiny preset
+        c = load_preset("grpo", "tiny")
+        c.unlock()
+        c.update(recipe)
+        validate(c)
+    c = load_preset("grpo", "tiny")
+    c.unlock()
+    c.data.update(change.pop("data", {}))
+    c.update(change)
+    with pytest.raises(ConfigValueError, match=message):
+        validate(c)
+
+
+def test_dynamic_sampling_refills_groups_at_a_static_shape_and_sampler_logps_agree(sft_dir, tmp_path):
+    """A fake reward gives 3 of each round's 8 groups differing rewards: two rounds fill 6 slots, and with one extra
+    round allowed the last 2 slots take dropped groups (advantage 0). Sampler and trainer share params here, so
+    their log-probs of the sampled tokens agree to float error (measured on this model in float32: max ~1e-6)."""
+    from align_jax.generate import compile_count
+    from align_jax.stages import grpo, runner
+
+    c = grpo_config(sft_dir, dynamic_sampling_max_rounds=1, kl_mode="none", kl_estimator="k1")
+    r = runner.Run(grpo.spec, c, str(tmp_path / "grpo"))
+    state, _, _ = r.initial_state(None)
+    rollouts = r.spec.next_batch.__self__
+    calls = []
+
+    def reward(prompts, texts, rows):  # groups 0-2 of a round: scores a, a+1, a+2; the rest all 0.5
+        calls.append(len(texts))
+        scores = np.full(len(texts), 0.5, np.float32)
+        scores[:9] = np.arange(9) % 3 + 10 * len(calls)
+        return scores, {"fake": scores}
+
+    rollouts.reward = reward
+    compiled = compile_count()
+    batch, _ = rollouts.rollout(r, state)
+    assert calls == [24, 24] and compile_count() - compiled <= 1  # both rounds share one compiled sampler
+    assert batch["tokens"].shape[0] == 24 and batch["sampler_logp"].shape == batch["tokens"].shape
+    m = rollouts.metrics
+    assert m["sampling_rounds"] == 2 and m["groups_dropped"] == pytest.approx(10 / 16)
+    assert m["groups_constant"] == pytest.approx(2 / 8)
+    mask = np.asarray(batch["loss_mask"][:, 1:]) > 0
+    first = np.asarray(batch["advantages"])[np.arange(24), mask.argmax(axis=1)].reshape(8, 3)
+    e = 1e-4
+    np.testing.assert_allclose(first, [[-1 / (1 + e), 0, 1 / (1 + e)]] * 6 + [[0, 0, 0]] * 2, atol=1e-5)
+    assert m["logp_mismatch/max"] < 1e-4 and m["logp_mismatch/mean"] < 1e-5, m
+    print(f"logp mismatch (float32, same params): max {m['logp_mismatch/max']:.3g} mean {m['logp_mismatch/mean']:.3g}")
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(policy_loss="cispo", advantage="rloo", normalise="constant", overlong_buffer=4,
+             dynamic_sampling_max_rounds=1, tis_cap=2.0, kl_mode="none", kl_estimator="k1"),
+        dict(policy_loss="gspo", advantage="reinforce_pp", normalise="sequence", tis_cap=2.0, kl_mode="reward",
+             kl_estimator="k1"),
+    ],
+    ids=["cispo-rloo-dapo", "gspo-reinforce_pp"],
+)  # fmt: skip
+def test_grpo_variants_run_and_log_their_metrics(sft_dir, tmp_path, variant):
+    c = grpo_config(sft_dir, **variant)
+    c.train.steps = 2
+    c.data.eval = ""
+    work = str(tmp_path / variant["policy_loss"])
+    summary = stages.get("grpo").run(c, work)
+    rows = [x for x in read_metrics(work) if "loss" in x]
+    assert summary["final_step"] == 2 and len(rows) == 2
+    keys = ["loss", "clip_fraction_low", "clip_fraction_high", "groups_constant", "logp_mismatch/max",
+            "logp_mismatch/mean", "logp_mismatch/kl", "tis/weight", "tis/truncated"]  # fmt: skip
+    if variant.get("dynamic_sampling_max_rounds"):
+        keys += ["groups_dropped", "sampling_rounds", "reward/overlong"]
+    for row in rows:
+        for key in keys:
+            assert key in row and np.isfinite(row[key]), key
+    # Sampler and trainer agree (same params, float32): every importance weight is 1, none truncated.
+    assert rows[0]["tis/weight"] == pytest.approx(1.0, abs=1e-4) and rows[0]["tis/truncated"] == 0.0
+    assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)

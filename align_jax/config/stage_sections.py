@@ -64,10 +64,38 @@ def grpo_section() -> ml_collections.ConfigDict:
     s.top_k = 0
     s.top_p = 1.0
     s.updates_per_rollout = 1  # optimizer steps on each rollout batch (each is one loop step)
-    s.clip_eps = 0.2
+    # The policy loss (align_jax/losses/rl.py): ppo_clip | gspo (sequence-level ratio, GSPO) | cispo
+    # (clipped IS weight as a constant, MiniMax-M1).
+    s.policy_loss = "ppo_clip"
+    s.clip_eps = 0.2  # ppo_clip's range; cispo's IS-weight bounds (1.0: no lower bound, as MiniMax-M1)
     s.clip_eps_high = 0.0  # 0: = clip_eps; larger: DAPO's clip-higher
-    s.normalise = "token"  # token | sequence
-    s.advantage_scale = "std"  # std (GRPO) | none (Dr. GRPO)
+    s.gspo_clip_eps = 3e-4  # gspo's range on the sequence ratio (the paper's 3e-4 / 4e-4)
+    s.gspo_clip_eps_high = 4e-4
+    s.normalise = "token"  # token | sequence | constant (Dr. GRPO: / (samples x max_new_tokens))
+    # Advantages (align_jax/losses/advantages.py): grpo (advantage_scale std, or none = Dr. GRPO) | rloo |
+    # reinforce_pp (REINFORCE++: returns of the KL-shaped token rewards, whitened over the batch) |
+    # reinforce_pp_baseline (the group's mean score subtracted first).
+    s.advantage = "grpo"
+    s.advantage_scale = "std"  # std (GRPO) | none (Dr. GRPO); advantage = grpo only
+    # DAPO's dynamic sampling: up to this many extra rounds of batch_size / group_size prompts when groups
+    # whose rewards are all equal were dropped; slots still empty take dropped groups. 0: off.
+    s.dynamic_sampling_max_rounds = 0
+    # DAPO's overlong shaping: responses longer than max_new_tokens - overlong_buffer lose up to
+    # overlong_penalty_factor of reward, linearly to the limit. 0: off.
+    s.overlong_buffer = 0
+    s.overlong_penalty_factor = 1.0
+    # Truncated importance sampling: each token's term x min(exp(old_logp - sampler_logp), tis_cap), for
+    # rollouts from a sampler that differs from the trainer (numerics, stale params). 0: off; else >= 1.
+    s.tis_cap = 0.0
+    # Rollouts sampled ahead (align_jax/sample_ahead.py): the samples of rollout k + s are drawn, in a
+    # background thread from a copy of the params, while rollout k's update trains. 0: synchronous.
+    # With s > 0 set tis_cap too: the samples are s updates old.
+    s.rollout_staleness = 0
+    # Multi-turn episodes against an environment instead of single replies (align_jax/envs/, e.g.
+    # "calculator"): the environment is the reward (rules and rm_workdir unset), its messages are tokens
+    # of the row with no loss, and a row (prompt + every turn) is data.seq_len tokens. "": off.
+    s.env = ""
+    s.env_max_turns = 4
     # KL to the frozen reference (init_from): "reward" puts it in the token-level reward (the report),
     # "loss" adds kl_coef * KL to the loss (DeepSeekMath), "none" drops it.
     s.kl_mode = "reward"
@@ -99,7 +127,7 @@ def grpo_section() -> ml_collections.ConfigDict:
 def validate_grpo(c: ml_collections.ConfigDict) -> None:
     one_of(c.kl_mode, ("reward", "loss", "none"), "kl_mode")
     one_of(c.kl_estimator, ("k1", "k3", "topk"), "kl_estimator")
-    one_of(c.normalise, ("token", "sequence"), "normalise")
+    one_of(c.normalise, ("token", "sequence", "constant"), "normalise")
     one_of(c.advantage_scale, ("std", "none"), "advantage_scale")
     positive(c, "group_size", "max_prompt_len", "max_new_tokens", "updates_per_rollout")
     if c.data.batch_size % c.group_size:
@@ -120,6 +148,92 @@ def validate_grpo(c: ml_collections.ConfigDict) -> None:
         )
     if c.kl_estimator == "topk" and c.kl_mode == "loss":
         raise ConfigValueError("config.kl_estimator='topk' is for kl_mode='reward'; use k1 or k3 as a loss")
+    validate_grpo_variants(c)
+
+
+def validate_grpo_variants(c: ml_collections.ConfigDict) -> None:
+    """The policy-loss, advantage, DAPO and importance-sampling keys, and the combinations that make no sense."""
+    one_of(c.policy_loss, ("ppo_clip", "gspo", "cispo"), "policy_loss")
+    one_of(c.advantage, ("grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"), "advantage")
+    if not 0.0 < c.clip_eps <= 1.0 or c.clip_eps_high < 0:
+        raise ConfigValueError(
+            f"config: need 0 < clip_eps <= 1 and clip_eps_high >= 0, got {c.clip_eps}, {c.clip_eps_high}"
+        )
+    if not 0.0 < c.gspo_clip_eps < 1.0 or c.gspo_clip_eps_high < 0:
+        raise ConfigValueError("config: need 0 < gspo_clip_eps < 1 and gspo_clip_eps_high >= 0 (the paper: 3e-4, 4e-4)")
+    if c.policy_loss == "gspo" and c.normalise != "sequence":
+        raise ConfigValueError(
+            f"config.policy_loss='gspo' weighs each sample once (its ratio is per sequence): set "
+            f"config.normalise='sequence', not {c.normalise!r}"
+        )
+    if c.algorithm == "ppo" and (c.policy_loss == "gspo" or c.advantage != "grpo"):
+        raise ConfigValueError(
+            "config.algorithm='ppo' has per-token GAE advantages from its value model: use policy_loss ppo_clip or "
+            "cispo and leave config.advantage='grpo' (gspo and the rloo / reinforce_pp advantages are critic-free)"
+        )
+    needs_groups = c.advantage in ("rloo", "reinforce_pp_baseline") or (
+        c.advantage == "grpo" and c.advantage_scale == "std"
+    )
+    if needs_groups and c.group_size < 2 and c.algorithm == "grpo":
+        raise ConfigValueError(
+            f"config.advantage={c.advantage!r} compares samples of a prompt: group_size must be >= 2"
+        )
+    if c.dynamic_sampling_max_rounds < 0 or (c.dynamic_sampling_max_rounds and c.group_size < 2):
+        raise ConfigValueError(
+            "config.dynamic_sampling_max_rounds must be >= 0 (0: off), and dynamic sampling needs group_size >= 2 "
+            "(a group of one always has equal rewards)"
+        )
+    if not 0 <= c.overlong_buffer <= c.max_new_tokens or c.overlong_penalty_factor < 0:
+        raise ConfigValueError(
+            f"config: need 0 <= overlong_buffer <= max_new_tokens ({c.max_new_tokens}) and overlong_penalty_factor "
+            f">= 0, got {c.overlong_buffer}, {c.overlong_penalty_factor}"
+        )
+    if c.rollout_staleness < 0:
+        raise ConfigValueError(f"config.rollout_staleness={c.rollout_staleness} must be >= 0 (0: synchronous)")
+    _validate_env(c)
+    if c.tis_cap != 0 and not c.tis_cap >= 1.0:
+        raise ConfigValueError(
+            f"config.tis_cap={c.tis_cap}: 0 (off) or >= 1 (a cap below 1 would shrink every on-policy token's "
+            "weight; 2 is common)"
+        )
+
+
+def _validate_env(c: ml_collections.ConfigDict) -> None:
+    if not c.env:
+        return
+    from align_jax.envs import ENVS
+
+    one_of(c.env, tuple(ENVS), "env")
+    if c.rules or c.rm_workdir:
+        raise ConfigValueError(
+            f"config.env={c.env!r} rewards the episodes itself: unset config.rules and config.rm_workdir "
+            "(--config.rules= --config.rm_workdir=)"
+        )
+    if c.augment != "none" or c.algorithm != "grpo":
+        raise ConfigValueError(
+            "config.env works with algorithm='grpo' and augment='none' (the environment writes the chat)"
+        )
+    if c.env_max_turns < 1 or c.data.seq_len <= c.max_prompt_len:
+        raise ConfigValueError(
+            "config.env needs env_max_turns >= 1 and data.seq_len (the row: prompt + every turn) > max_prompt_len"
+        )
+
+
+# Settings of the 2025 recipes as this stage spells them (none is a preset: a config applies one with
+# `c.update(GRPO_RECIPES["dapo"])` and sets its own overlong_buffer, e.g. a fifth of max_new_tokens as DAPO).
+GRPO_RECIPES = {
+    # DAPO (Yu et al. 2025): clip-higher, token-level loss, no KL, dynamic sampling, overlong shaping.
+    "dapo": dict(
+        clip_eps=0.2, clip_eps_high=0.28, normalise="token", kl_mode="none", advantage="grpo",
+        advantage_scale="std", dynamic_sampling_max_rounds=3, overlong_penalty_factor=1.0,
+    ),
+    # Dr. GRPO (Liu et al. 2025): no std in the advantage, a constant length normaliser.
+    "dr_grpo": dict(advantage="grpo", advantage_scale="none", normalise="constant"),
+    # GSPO (Zheng et al. 2025): the sequence-level ratio and its small clip range.
+    "gspo": dict(policy_loss="gspo", normalise="sequence", gspo_clip_eps=3e-4, gspo_clip_eps_high=4e-4),
+    # CISPO (MiniMax-M1): the clipped IS weight as a constant, no lower bound, token-level loss.
+    "cispo": dict(policy_loss="cispo", clip_eps=1.0, clip_eps_high=0.28, normalise="token"),
+}  # fmt: skip
 
 
 def pas_section() -> ml_collections.ConfigDict:

@@ -23,9 +23,14 @@ from align_jax.models.apply import ApplyFn, forward
 class PolicyObjective:
     """The update's settings (config: the grpo stage's keys of the same names)."""
 
-    clip_eps: float = 0.2
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | cispo (losses/rl.py)
+    clip_eps: float = 0.2  # ppo_clip's range; cispo's IS-weight bounds
     clip_eps_high: float = 0.0  # 0: = clip_eps
-    normalise: str = "token"  # token | sequence
+    gspo_clip_eps: float = 3e-4  # gspo's range on the sequence ratio
+    gspo_clip_eps_high: float = 4e-4
+    normalise: str = "token"  # token | sequence | constant (Dr. GRPO: / (samples x max_new_tokens))
+    max_new_tokens: int = 0  # the constant normaliser's length
+    tis_cap: float = 0.0  # truncated importance sampling cap on exp(old - sampler); 0: off
     kl_mode: str = "reward"  # reward | loss | none
     kl_estimator: str = "topk"  # k1 | k3 | topk
     kl_coef: float = 0.05
@@ -77,21 +82,33 @@ def ptx_term(params, batch, *, apply_fn: ApplyFn, kind: str) -> tuple[jax.Array,
 def grpo_loss(
     params, batch, rng, *, apply_fn: ApplyFn, objective: PolicyObjective, frozen: Any = None
 ) -> tuple[jax.Array, jax.Array, dict]:
-    """Clipped policy gradient on the rollout batch (+ kl_coef x KL when kl_mode = "loss"). The frozen
+    """The policy loss (`policy_loss`: ppo_clip, gspo, cispo) on the rollout batch, each token's term weighted by
+    its truncated importance weight when tis_cap > 0 (+ kl_coef x KL when kl_mode = "loss"). The frozen
     reference the state carries is not read here: the rollout already scored the batch under it."""
     del rng, frozen
     o = objective
     logp, logits = token_logps(apply_fn, params, batch)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    old_logp = batch["old_logp"][:, :-1]
+    gspo = o.policy_loss == "gspo"
+    weights, tis_metrics = None, {}
+    if o.tis_cap:
+        weights, tis_metrics = rl.tis_weights(
+            old_logp, batch["sampler_logp"][:, :-1], mask, cap=o.tis_cap, per_sequence=gspo
+        )
     loss_sum, denom, metrics = rl.policy_gradient_loss(
         logp,
-        batch["old_logp"][:, :-1],
+        old_logp,
         batch["advantages"][:, :-1],
         mask,
-        clip_eps=o.clip_eps,
-        clip_eps_high=o.clip_eps_high or None,
+        kind=o.policy_loss,
+        clip_eps=o.gspo_clip_eps if gspo else o.clip_eps,
+        clip_eps_high=(o.gspo_clip_eps_high if gspo else o.clip_eps_high) or None,
         normalise=o.normalise,
+        max_len=o.max_new_tokens,
+        weights=weights,
     )
+    metrics.update(tis_metrics)
     if o.kl_mode == "loss":
         kind = "k1" if o.kl_estimator == "k1" else "k3"
         kl_sum, kl_n = rl.kl_loss_term(logp, batch["ref_logp"][:, :-1], mask, kind=kind)

@@ -1,23 +1,36 @@
-"""Policy-gradient objectives for RL from a reward model: GRPO, PPO, and the KL terms that keep the policy near a
-reference.
+"""Policy-gradient objectives for RL from a reward model: GRPO, PPO and their 2025 variants, the KL terms that keep
+the policy near a reference, and the sampler/trainer log-prob agreement. Advantages: losses/advantages.py.
 
 Pure float32 formulas over completion tokens: token arrays are [B, T] with `mask` [B, T] (1 on real completion
 tokens, right-padded). Losses return (sum, count) so the train step divides once (DESIGN.md, "Loss functions");
 metrics are {name: (sum, count)}. Hyperparameters are Python numbers fixed at trace time.
 
-Notation: lp = policy log-prob of the sampled token, lo = the behaviour (old) policy's, lr = the reference's,
-d = lr - lp, ratio = exp(lp - lo), A = advantage.
+Notation: lp = policy log-prob of the sampled token, lo = the old policy's (the trainer's, when the rollout was
+scored), ls = the sampler's (the behaviour policy that drew the token), lr = the reference's, d = lr - lp,
+ratio = exp(lp - lo), A = advantage, sg = stop-gradient, |o_i| = sample i's number of tokens.
 
-Group advantages, GRPO (Shao et al. 2024, DeepSeekMath), n samples per prompt:
-    A_i = (r_i - mean_g(r)) / (std_g(r) + eps),  std_g the SAMPLE std (ddof=1), as TRL's `rewards.view(-1, n).std(1)`
 KL estimators of KL(policy || ref) from tokens sampled from the policy (Schulman 2020, "Approximating KL"):
     k1 = lp - lr (unbiased, can be < 0);  k2 = (lp - lr)^2 / 2;  k3 = exp(d) - d - 1 >= 0 (unbiased, low variance)
 Exact top-k KL (Baichuan Alignment, arXiv 2410.14940): with S = the reference's top-k token ids at a position,
     p_i = softmax_S(policy logits)_i,  q_i = softmax_S(reference logits)_i,  KL_S = sum_{i in S} p_i (log p_i - log q_i)
 KL in the reward (InstructGPT, Ouyang et al. 2022; Baichuan): r_t = -kl_coef * KL_t, plus the sequence score at the
     last real token.  DeepSeekMath instead adds kl_coef * mean(k3) to the loss (`kl_loss_term`).
-Clipped surrogate (PPO, Schulman et al. 2017; eps_high > eps is DAPO's clip-higher, Yu et al. 2025):
-    l_t = -min(ratio * A, clip(ratio, 1 - eps, 1 + eps_high) * A)
+Policy losses, per token (`policy_gradient_loss`, kind=):
+    ppo_clip  PPO (Schulman et al. 2017): -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A); eps_high > eps_low
+              is DAPO's clip-higher (Yu et al. 2025).
+    gspo      GSPO (Zheng et al. 2025): the sequence ratio s_i = exp(mean_t(lp - lo)) over sample i's tokens, in the
+              GSPO-token form s_it = sg(s_i) exp(lp_t - sg(lp_t)): value s_i, gradient s_i dlp_t, so
+              -min(s_it A_it, clip(s_it) A_it) averaged over the sample's tokens has exactly the gradient of the
+              sequence form -min(s_i A_i, clip(s_i) A_i) when A is per sequence, and still works with per-token A
+              (KL in the reward). Its epsilons are ~1e-3 (the paper: 3e-4 / 4e-4).
+    cispo     CISPO (MiniMax-M1, 2025): -sg(clip(ratio, 1 - eps_low, 1 + eps_high)) A (lp - lo): the clipped IS weight
+              is a constant, so every token keeps its gradient -w A dlp (lo only shifts the value: it is 0 at
+              ratio 1, as PPO's is -A).
+Normalisation: token (DAPO: sum / real tokens), sequence (GRPO: mean over each sample's tokens, then over samples),
+    constant (Dr. GRPO, Liu et al. 2025: sum / (samples x max_new_tokens), no length bias).
+Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL"):
+    each token's term times the constant w_t = min(exp(lo - ls), cap), correcting for a sampler that differs from
+    the trainer (numerics, or stale params).
 GAE (Schulman et al. 2016): delta_t = r_t + gamma V_{t+1} - V_t,  A_t = delta_t + gamma lam A_{t+1},  R_t = A_t + V_t,
     with V and A beyond the last real token 0 (the episode ends there; no bootstrap).
 Clipped value loss (PPO, as TRL/OpenAI baselines):  0.5 * max((V - R)^2, (clip(V, V_old +- eps) - R)^2)
@@ -58,29 +71,6 @@ def _masked_sum(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     # where, not multiply: a padding position may hold inf/nan (e.g. logp of a pad token), and nan * 0 = nan.
     m = _bool_mask(mask)
     return jnp.sum(jnp.where(m, x, 0.0)), jnp.sum(m.astype(jnp.float32))
-
-
-def group_advantages(
-    rewards: jax.Array, group_size: int, *, scale: Literal["std", "none"] = "std", eps: float = 1e-4
-) -> jax.Array:
-    """GRPO advantages [N] from rewards [N] of `group_size` consecutive samples per prompt.
-
-    (r - group mean) / (group std + eps) with scale="std", r - group mean with "none" (Dr. GRPO, Liu et al. 2025).
-    The std is the sample std (ddof=1), as TRL's GRPOTrainer (torch's `.std()` is unbiased); with n=3 as in the
-    Baichuan report it is sqrt(3/2) times the population std. A group of identical rewards gets 0, not nan.
-    Rewards are constants of the rollout, so no gradient flows through them."""
-    if scale not in ("std", "none"):
-        raise ValueError(f"group_advantages: scale must be 'std' or 'none', got {scale!r}")
-    r = jax.lax.stop_gradient(_f32(rewards))
-    if r.ndim != 1 or r.shape[0] % group_size:
-        raise ValueError(f"group_advantages: rewards must be [N] with N a multiple of {group_size}, got {r.shape}")
-    if scale == "std" and group_size < 2:
-        raise ValueError("group_advantages: the sample std of a group needs group_size >= 2 (or scale='none')")
-    g = r.reshape(-1, group_size)
-    centred = g - jnp.mean(g, axis=1, keepdims=True)
-    if scale == "std":
-        centred = centred / (jnp.std(g, axis=1, ddof=1, keepdims=True) + eps)
-    return centred.reshape(-1)
 
 
 def kl_estimate(logp: jax.Array, ref_logp: jax.Array, kind: Literal["k1", "k2", "k3"] = "k3") -> jax.Array:
@@ -145,61 +135,135 @@ def kl_in_reward(scores: jax.Array, kl: jax.Array, mask: jax.Array, *, kl_coef: 
     return jnp.where(m, -kl_coef * kl, 0.0) + jnp.where(at_last, scores[:, None], 0.0)
 
 
+PolicyLoss = Literal["ppo_clip", "gspo", "cispo"]
+Normalise = Literal["token", "sequence", "constant"]
+
+
+def _ppo_clip_terms(log_ratio, adv, m, eps_low: float, eps_high: float):
+    ratio = jnp.exp(log_ratio)
+    per_token = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv)
+    r = jax.lax.stop_gradient(ratio)
+    # Clipped = the min picked the clipped branch where it is flat: the token's gradient is gone.
+    return per_token, r, (r < 1.0 - eps_low) & (adv < 0), (r > 1.0 + eps_high) & (adv > 0)
+
+
+def _gspo_terms(log_ratio, adv, m, eps_low: float, eps_high: float):
+    n_tok = jnp.sum(m.astype(jnp.float32), axis=1, keepdims=True)
+    seq_log = jnp.sum(log_ratio, axis=1, keepdims=True) / jnp.maximum(n_tok, 1.0)  # log s_i; padding holds 0
+    token_log = jax.lax.stop_gradient(seq_log) + log_ratio - jax.lax.stop_gradient(log_ratio)
+    return _ppo_clip_terms(jnp.where(m, token_log, 0.0), adv, m, eps_low, eps_high)
+
+
+def _cispo_terms(log_ratio, adv, m, eps_low: float, eps_high: float):
+    r = jax.lax.stop_gradient(jnp.exp(log_ratio))
+    weight = jnp.clip(r, 1.0 - eps_low, 1.0 + eps_high)
+    # Clipped = the IS weight was truncated; unlike PPO's, such a token still has its gradient.
+    return -weight * adv * log_ratio, r, r < 1.0 - eps_low, r > 1.0 + eps_high
+
+
+_TERMS = {"ppo_clip": _ppo_clip_terms, "gspo": _gspo_terms, "cispo": _cispo_terms}
+
+
+def _normalised_sum(per_token, m, normalise: str, max_len: int | None) -> tuple[jax.Array, jax.Array]:
+    if normalise == "token":
+        return _masked_sum(per_token, m)
+    tok_sum = jnp.sum(jnp.where(m, per_token, 0.0), axis=1)
+    n_tok = jnp.sum(m.astype(jnp.float32), axis=1)
+    n_seq = jnp.sum((n_tok > 0).astype(jnp.float32))  # an all-padding row is not a sample
+    if normalise == "sequence":
+        return jnp.sum(tok_sum / jnp.maximum(n_tok, 1.0)), n_seq  # an empty row adds 0, not nan
+    return jnp.sum(tok_sum), n_seq * float(max_len)
+
+
 def policy_gradient_loss(
     logp: jax.Array,
     old_logp: jax.Array,
     advantages: jax.Array,
     mask: jax.Array,
     *,
+    kind: PolicyLoss = "ppo_clip",
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
-    normalise: Literal["token", "sequence"] = "token",
+    normalise: Normalise = "token",
+    max_len: int | None = None,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, Metrics]:
-    """(loss_sum, denominator, metrics) of the clipped surrogate -min(ratio A, clip(ratio, 1-eps, 1+eps_high) A).
+    """(loss_sum, denominator, metrics) of the policy loss `kind` (module docstring: ppo_clip, gspo, cispo).
 
-    `advantages` is [B] (one per sequence, GRPO) or [B, T] (per token, PPO/GAE); it and `old_logp` are constants.
-    clip_eps_high defaults to clip_eps. Normalisation (the step divides the sum by the denominator):
+    `advantages` is [B] (one per sequence, GRPO) or [B, T] (per token, PPO/GAE); it, `old_logp` and `weights`
+    [B, T] (per-token constants multiplying each term, e.g. `tis_weights`) are constants. clip_eps_high defaults
+    to clip_eps. Normalisation (the step divides the sum by the denominator):
       "token":    sum over all real tokens / number of real tokens: every token weighs the same, so long completions
-                  are not down-weighted (DAPO's token-level loss; Dr. GRPO goes further with a constant denominator).
-      "sequence": sum over sequences of each sequence's token mean / number of non-empty sequences: GRPO's
-                  1/G sum_i 1/|o_i| sum_t (DeepSeekMath), where a token of a short answer weighs more.
-    Metrics are token-level whatever `normalise`: ratio, clip_fraction (tokens whose gradient the clip removed),
-    its low/high parts, and approx_kl = k3 estimate of KL(old || new) on the old policy's samples.
+                  are not down-weighted (DAPO's token-level loss).
+      "sequence": sum over samples of each sample's token mean / number of non-empty samples: GRPO's
+                  1/G sum_i 1/|o_i| sum_t (DeepSeekMath), where a token of a short answer weighs more; GSPO's.
+      "constant": sum over all real tokens / (non-empty samples x max_len): Dr. GRPO's constant normaliser.
+    Metrics are token-level whatever `normalise`: ratio (gspo: the sequence ratio), clip_fraction and its low/high
+    parts (ppo_clip, gspo: tokens whose gradient the clip removed; cispo: tokens whose IS weight was truncated),
+    approx_kl = k3 estimate of KL(old || new) on the old policy's samples.
     |lp - lo| is clamped at 20 (see _MAX_LOG_RATIO), so extreme log-probs give finite losses and gradients."""
-    if normalise not in ("token", "sequence"):
-        raise ValueError(f"policy_gradient_loss: normalise must be 'token' or 'sequence', got {normalise!r}")
+    if normalise not in ("token", "sequence", "constant"):
+        raise ValueError(
+            f"policy_gradient_loss: normalise must be 'token', 'sequence' or 'constant', got {normalise!r}"
+        )
+    if kind not in _TERMS:
+        raise ValueError(f"policy_gradient_loss: kind must be one of {tuple(_TERMS)}, got {kind!r}")
+    if normalise == "constant" and not (max_len or 0) > 0:
+        raise ValueError("policy_gradient_loss: normalise='constant' needs max_len > 0 (max_new_tokens)")
     eps_low, eps_high = clip_eps, clip_eps if clip_eps_high is None else clip_eps_high
     m = _bool_mask(mask)
     adv = jax.lax.stop_gradient(_f32(advantages))
-    if adv.ndim == 1:
-        adv = adv[:, None]
+    adv = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, m.shape)
     log_ratio = jnp.where(m, _f32(logp) - jax.lax.stop_gradient(_f32(old_logp)), 0.0)
     log_ratio = jnp.clip(log_ratio, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio = jnp.exp(log_ratio)
-    unclipped = ratio * adv
-    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    per_token = -jnp.minimum(unclipped, clipped)
+    per_token, r, low, high = _TERMS[kind](log_ratio, adv, m, eps_low, eps_high)
+    if weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(_clean(weights, m))
+    loss_sum, denom = _normalised_sum(per_token, m, normalise, max_len)
 
-    if normalise == "token":
-        loss_sum, denom = _masked_sum(per_token, m)
-    else:
-        tok_sum = jnp.sum(jnp.where(m, per_token, 0.0), axis=1)
-        n_tok = jnp.sum(m.astype(jnp.float32), axis=1)
-        loss_sum = jnp.sum(tok_sum / jnp.maximum(n_tok, 1.0))  # an empty row adds 0, not nan
-        denom = jnp.sum((n_tok > 0).astype(jnp.float32))
-
-    r, a = jax.lax.stop_gradient(ratio), jnp.broadcast_to(adv, ratio.shape)
-    low = (r < 1.0 - eps_low) & (a < 0)
-    high = (r > 1.0 + eps_high) & (a > 0)
+    lr = jax.lax.stop_gradient(log_ratio)
     metrics: Metrics = {
         "ratio": _masked_sum(r, m),
         "clip_fraction": _masked_sum((low | high).astype(jnp.float32), m),
         "clip_fraction_low": _masked_sum(low.astype(jnp.float32), m),
         "clip_fraction_high": _masked_sum(high.astype(jnp.float32), m),
         # k3 with the roles swapped: samples come from the old policy, so this estimates KL(old || new).
-        "approx_kl": _masked_sum(jnp.expm1(jax.lax.stop_gradient(log_ratio)) - jax.lax.stop_gradient(log_ratio), m),
+        "approx_kl": _masked_sum(jnp.expm1(lr) - lr, m),
     }
     return loss_sum, denom, metrics
+
+
+def tis_weights(
+    old_logp: jax.Array, sampler_logp: jax.Array, mask: jax.Array, *, cap: float, per_sequence: bool = False
+) -> tuple[jax.Array, Metrics]:
+    """Truncated importance-sampling weights [B, T] (0 on padding) and their metrics {tis/weight, tis/truncated}.
+
+    w_t = min(exp(lo_t - ls_t), cap): the trainer's old policy over the policy that sampled, truncated so a token the
+    sampler found unlikely cannot blow the update up. per_sequence (for gspo, whose ratio is per sequence): one
+    weight per sample, min(exp(mean_t(lo - ls)), cap). Constants: both inputs are the rollout's."""
+    m = _bool_mask(mask)
+    d = jnp.where(m, jax.lax.stop_gradient(_f32(old_logp) - _f32(sampler_logp)), 0.0)
+    if per_sequence:
+        n_tok = jnp.sum(m.astype(jnp.float32), axis=1, keepdims=True)
+        d = jnp.broadcast_to(jnp.sum(d, axis=1, keepdims=True) / jnp.maximum(n_tok, 1.0), m.shape)
+    raw = jnp.exp(jnp.clip(d, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
+    w = jnp.where(m, jnp.minimum(raw, cap), 0.0)
+    return w, {"tis/weight": _masked_sum(w, m), "tis/truncated": _masked_sum((raw > cap).astype(jnp.float32), m)}
+
+
+def logp_mismatch(sampler_logp: jax.Array, trainer_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """How far the sampler's log-probs of its own tokens are from the trainer's teacher-forced ones, over real tokens:
+    max and mean |ls - lt|, and the k3 estimate of KL(sampler || trainer) (the tokens come from the sampler).
+    With the same params and float32 these are float error only; larger values mean the two disagree."""
+    m = _bool_mask(mask)
+    diff = jnp.where(m, _f32(trainer_logp) - _f32(sampler_logp), 0.0)
+    n = jnp.maximum(jnp.sum(m.astype(jnp.float32)), 1.0)
+    d = jnp.clip(diff, -_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    return {
+        "max": jnp.max(jnp.abs(diff)),
+        "mean": jnp.sum(jnp.abs(diff)) / n,
+        "kl": jnp.sum(jnp.where(m, jnp.expm1(d) - d, 0.0)) / n,
+    }
 
 
 def kl_loss_term(

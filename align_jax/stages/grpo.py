@@ -17,6 +17,16 @@ PTX (`ptx_coef` > 0): each step also takes a packed batch of SFT chats (`ptx_dat
 ptx_coef x the per-token mean of either the report's KL(policy || original model), exact over the
 reference's top-k logits, or plain NLL, on their assistant tokens.
 
+Variants (config keys; formulas in losses/rl.py and losses/advantages.py; recipes' settings in
+config/stage_sections.GRPO_RECIPES): `policy_loss` ppo_clip | gspo | cispo; `advantage` grpo (with
+advantage_scale std | none) | rloo | reinforce_pp | reinforce_pp_baseline; `normalise` token | sequence |
+constant (Dr. GRPO); DAPO's clip-higher (clip_eps_high), dynamic sampling (dynamic_sampling_max_rounds)
+and overlong shaping (overlong_buffer, overlong_penalty_factor); truncated importance sampling (tis_cap).
+Besides reward, KL and entropy, each step logs ratio, clip_fraction(_low/_high), approx_kl, the groups
+with equal rewards (groups_constant; with dynamic sampling groups_dropped and sampling_rounds), the
+sampler/trainer log-prob mismatch (logp_mismatch/max, /mean, /kl) and, with tis_cap, tis/weight and
+tis/truncated.
+
 PPO (`algorithm = "ppo"`): a value model (init_from's decoder + a fresh scalar head) trained
 alongside, per-token rewards with the KL inside, GAE advantages, a clipped value loss.
 
@@ -36,6 +46,7 @@ from align_jax import rewards
 from align_jax.batch import PPO_FIELDS, PTX_FIELDS, PTX_KL_FIELDS, ROLLOUT_FIELDS, TOKEN_FIELDS, BatchSpec
 from align_jax.data.prompts import PromptStream, Streams, prompt_messages
 from align_jax.data.sources import open_source
+from align_jax.envs import env_factory
 from align_jax.losses.grpo import PolicyObjective, grpo_loss, ppo_loss
 from align_jax.metrics import flops_per_token
 from align_jax.models.apply import apply_fn
@@ -117,7 +128,10 @@ def spec(ctx: Context) -> StageSpec:
         sharder=ctx.sharder,
         tokenizer=ctx.tokenizer,
         policy_fn=policy_fn,
-        reward=rewards.build_reward(g.rules, json.loads(g.rule_kwargs), g.rm_workdir, float(g.rm_weight)),
+        reward=None
+        if g.env
+        else rewards.build_reward(g.rules, json.loads(g.rule_kwargs), g.rm_workdir, float(g.rm_weight)),
+        env=env_factory(g.env, max_turns=int(g.env_max_turns)) if g.env else None,
         augment=augmenter(g.augment),
         prompts=prompts,
         ptx=ptx,

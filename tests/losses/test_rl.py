@@ -10,10 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from align_jax.losses.advantages import group_advantages
 from align_jax.losses.rl import (
     entropy_from_logits,
     gae,
-    group_advantages,
     kl_estimate,
     kl_in_reward,
     kl_loss_term,
