@@ -194,14 +194,16 @@ def fingerprint(path: str) -> str | None:
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 DEMO_DIR = os.path.join(_PACKAGE, "data", "demo")
 EVAL_DATA_DIR = os.path.join(_PACKAGE, "eval", "data")
+ENV_DATA_DIR = os.path.join(_PACKAGE, "envs", "data")  # the environments' demo prompts
 
 
 def resolve_data_path(path: str) -> str:
     """`demo:NAME` names a bundled file: align_jax/data/demo/NAME.jsonl, else align_jax/eval/data/NAME.jsonl
-    (the prompt sets with checks, e.g. demo:constraints_rl for GRPO); anything else is as given."""
+    (the prompt sets with checks, e.g. demo:constraints_rl for GRPO), else align_jax/envs/data/NAME.jsonl
+    (the environments' problems, e.g. demo:calculator); anything else is as given."""
     if path.startswith("demo:"):
         name = path[len("demo:") :] + ".jsonl"
-        for directory in (DEMO_DIR, EVAL_DATA_DIR):
+        for directory in (DEMO_DIR, EVAL_DATA_DIR, ENV_DATA_DIR):
             if os.path.isfile(os.path.join(directory, name)):
                 return os.path.join(directory, name)
         return os.path.join(DEMO_DIR, name)
