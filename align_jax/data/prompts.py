@@ -31,6 +31,9 @@ class PromptStream:
         self.source = open_source(spec, split="train")
         self.seed, self.epoch, self.pos = seed, 0, 0
         self.rows = 0
+        # The position a checkpoint records, when it is not the live one: with rollouts sampled ahead
+        # (align_jax/sample_ahead.py) the stream has already served prompts whose samples a restart loses.
+        self.held: dict | None = None
         self._cached: tuple[int, np.ndarray] | None = None
 
     def _order(self) -> np.ndarray:
@@ -51,13 +54,16 @@ class PromptStream:
         self.rows += n
         return out
 
-    def state(self) -> dict:
+    def state(self, live: bool = False) -> dict:
+        if self.held is not None and not live:
+            return dict(self.held)
         return {"epoch": self.epoch, "pos": self.pos, "rows": self.rows, "num_rows": len(self.source)}
 
     def restore(self, state: Mapping[str, Any]) -> None:
         if int(state["num_rows"]) != len(self.source):
             raise ValueError(f"prompt data changed: {state['num_rows']} rows when saved, {len(self.source)} now")
         self.epoch, self.pos, self.rows = int(state["epoch"]), int(state["pos"]), int(state["rows"])
+        self.held = None
 
     def stats(self) -> dict:
         return {"prompt_rows": self.rows, "epoch": self.epoch}
