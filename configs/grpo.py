@@ -46,6 +46,13 @@ Presets:
              instead (--config.rules= --config.rm_workdir=runs/rm-demo) the eval reward goes 1.23 ->
              1.84 (steps 40 -> 80). The pipeline (configs/pipeline.py) runs GRPO on prompts with
              verifiable checks (demo:constraints_rl, rule `constraints`) plus the reward model and a PTX term.
+  dapo_tiny  `tiny` with DAPO's recipe (GRPO_RECIPES["dapo"]: clip_eps 0.2 / clip_eps_high 0.28, token-level
+             loss, no KL, dynamic sampling with up to 3 extra prompt rounds) plus overlong shaping over the
+             last 8 of 32 new tokens and two updates per rollout, 60 steps, after `configs/sft.py:tiny`.
+             Measured on the shared 2-core CPU (~2.5 min): eval reward 0.77 -> 0.89 -> 1.20 (steps 20 / 40 /
+             60; max_words 0.54 -> 1.0, exact match ~0.2 throughout), train reward 0.56 -> 1.22 (steps 5 ->
+             60); on second updates 2-8% of tokens clipped low and 1-4% high; dynamic sampling drops 60% of
+             the groups early and over 90% once brevity is learnt (every sample of a group then scores alike).
   llama3_8b  Llama-3-8B from an SFT workdir, with an RM workdir as the reward (--config.rm_workdir)
              on your prompts (--config.data.train): 8x H100/H200 or TPU v5p-8, mesh fsdp=8, 64 prompts x
              3 samples, 512 new tokens. Estimate, not measured: rollout dominates (decode of 192 x 512
@@ -53,13 +60,14 @@ Presets:
 """
 
 from align_jax.config import base_config
+from align_jax.config.stage_sections import GRPO_RECIPES
 
 
 def get_config(arg: str = "tiny"):
     c = base_config("grpo")
     c.data.train = "demo:rl_train"
     c.data.eval = "demo:rl_eval"
-    if arg == "tiny":
+    if arg in ("tiny", "dapo_tiny"):
         c.model.dtype = "float32"
         c.model.scan_unroll = 4
         c.data.update(seq_len=96, batch_size=64)
@@ -72,6 +80,25 @@ def get_config(arg: str = "tiny"):
         c.update(eval_prompts=96, normalise="sequence")
         c.optim.update(lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
         c.train.update(steps=80, log_every=5, eval_every=20, ckpt_every=40)
+        if arg == "dapo_tiny":
+            # DAPO's recipe (clip-higher, token-level loss, no KL, dynamic sampling) with overlong shaping
+            # over the last quarter of the 32 new tokens.
+            c.update(GRPO_RECIPES["dapo"])
+            # Two updates per rollout, so the ratio moves off 1 and the asymmetric clip acts.
+            c.update(overlong_buffer=8, updates_per_rollout=2)
+            c.train.steps = 60
+    elif arg == "calculator_tiny":
+        c.data.update(train="demo:calculator_train", eval="demo:calculator_eval")
+        c.model.dtype = "float32"
+        c.model.scan_unroll = 4
+        # A row is the prompt (system + problem: <= 98 tokens with the calculator BPE, kept whole so the
+        # chat is the one SFT saw), a call, the tool's answer and the final reply.
+        c.data.update(seq_len=192, batch_size=64)
+        c.update(env="calculator", env_max_turns=3, rules="", rule_kwargs="{}")
+        c.update(group_size=4, max_prompt_len=112, max_new_tokens=24, temperature=1.0, kl_coef=0.02)
+        c.update(eval_prompts=128, normalise="sequence")
+        c.optim.update(lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
+        c.train.update(steps=80, log_every=5, eval_every=20, ckpt_every=40)
     elif arg == "llama3_8b":
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
@@ -80,6 +107,8 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=5e-7, warmup_steps=10, schedule="constant", weight_decay=0.0)
         c.train.update(steps=500, microbatches=8, log_every=1, eval_every=50, ckpt_every=50)
     else:
-        raise ValueError(f"configs/grpo.py: unknown preset {arg!r}; presets: tiny, llama3_8b")
+        raise ValueError(
+            f"configs/grpo.py: unknown preset {arg!r}; presets: tiny, dapo_tiny, calculator_tiny, llama3_8b"
+        )
     c.lock()
     return c
