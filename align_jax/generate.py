@@ -25,7 +25,13 @@ reports the jit's cache size, for tests.
 
 Sampling follows transformers' order: logits / temperature, then top-k, then top-p (the smallest set of
 tokens whose probability reaches top_p, always at least one). Step t draws with
-`fold_in(key(seed), t)`, so a fixed seed gives the same samples, sharded or not.
+`fold_in(key(seed), t)`, so a fixed seed gives the same samples, sharded or not; with `row_keys=True`
+row b draws with fold_in(fold_in(key(seed), b), t), independent of the rows beside it.
+
+Early exit and buckets: the loop stops at the first step where every row is done, but until then a
+finished row keeps its place in the batch, and every row pays for the widest prompt's bucket. For many
+prompts whose response lengths vary, `align_jax.engine.generate_many` refills finished rows with queued
+prompts and prefills each prompt at its own bucket width; same outputs.
 """
 
 from __future__ import annotations
@@ -81,21 +87,49 @@ def _filter(logits_BV: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arr
     return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
 
 
-def _sample(logits_BV, key, temperature, top_k, top_p, greedy: bool, filtered: bool):
-    """(token [B] int32, log-prob [B] of that token under the unmodified distribution)."""
+def row_keys(key: jax.Array, rows_B: jax.Array, t_B: jax.Array) -> jax.Array:
+    """[B] keys, fold_in(fold_in(key, row), t): a row's draws depend on its own index and step only."""
+    return jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(rows_B, t_B)
+
+
+def sample_tokens(logits_BV, key, temperature, top_k, top_p, greedy: bool, filtered: bool):
+    """(token [B] int32, log-prob [B] of that token under the unmodified distribution). `key` is one
+    key for the whole batch, or [B] keys (`row_keys`), one per row."""
     if greedy:
         tok_B = jnp.argmax(logits_BV, axis=-1)
     else:
         scaled_BV = logits_BV / temperature
         if filtered:
             scaled_BV = _filter(scaled_BV, top_k, top_p)
-        tok_B = jax.random.categorical(key, scaled_BV, axis=-1)
+        if jnp.ndim(key):
+            tok_B = jax.vmap(jax.random.categorical)(key, scaled_BV)
+        else:
+            tok_B = jax.random.categorical(key, scaled_BV, axis=-1)
     tok_B = tok_B.astype(jnp.int32)
     logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     return tok_B, jnp.take_along_axis(logp_BV, tok_B[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sharder", "max_new_tokens", "greedy", "filtered", "unstacked"))
+def left_pad(prompt_BP: jax.Array, lengths_B: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Right-padded prompts -> (left-padded tokens, positions, segment ids), each [B, P]: row b's
+    prompt occupies slots [P - len_b, P), so every row's last prompt token sits in slot P - 1."""
+    p = prompt_BP.shape[1]
+    pad_B1 = (p - lengths_B)[:, None]
+    slot_1P = jnp.arange(p, dtype=jnp.int32)[None, :]
+    real_BP = slot_1P >= pad_B1
+    src_BP = jnp.clip(slot_1P - pad_B1, 0, p - 1)
+    left_BP = jnp.where(real_BP, jnp.take_along_axis(prompt_BP, src_BP, axis=1), 0)
+    return left_BP, jnp.where(real_BP, slot_1P - pad_B1, 0), real_BP.astype(jnp.int32)
+
+
+def is_eos(tok_B: jax.Array, eos_E: jax.Array) -> jax.Array:
+    return jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+
+
+_STATIC = ("cfg", "sharder", "max_new_tokens", "greedy", "filtered", "unstacked", "per_row")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate(
     params,
     prompt_BP,
@@ -113,6 +147,7 @@ def _generate(
     greedy,
     filtered,
     unstacked,
+    per_row,
 ):
     b, p = prompt_BP.shape
     n = max_new_tokens
@@ -125,30 +160,23 @@ def _generate(
         sharder.constrain(lengths_B, ("activation_batch",)),
     )
 
-    # Right-padded input -> left-padded: row b's prompt occupies slots [p - len_b, p).
-    pad_B1 = (p - lengths_B)[:, None]
-    slot_1P = jnp.arange(p, dtype=jnp.int32)[None, :]
-    real_BP = slot_1P >= pad_B1
-    src_BP = jnp.clip(slot_1P - pad_B1, 0, p - 1)
-    left_BP = jnp.where(real_BP, jnp.take_along_axis(prompt_BP, src_BP, axis=1), 0)
-    positions_BP = jnp.where(real_BP, slot_1P - pad_B1, 0)
-    segments_BP = real_BP.astype(jnp.int32)
-
+    left_BP, positions_BP, segments_BP = left_pad(prompt_BP, lengths_B)
     cache = init_cache(cfg.num_layers, b, p + n, cfg.num_kv_heads, cfg.head_size, cfg.jnp_dtype, not unstacked)
     cache = constrain_cache(sharder, cache)
     logits_B1V, cache = model.apply({"params": params}, left_BP, positions_BP, segments_BP, cache=cache)
     kv_segments_BS = jnp.concatenate([segments_BP, jnp.ones((b, n), jnp.int32)], axis=1)
 
-    def is_eos(tok_B):
-        return jnp.any(tok_B[:, None] == eos_E[None, :], axis=-1)
+    rows_B = jnp.arange(b, dtype=jnp.int32)
 
     def sample(logits_B1V, t):
-        return _sample(logits_B1V[:, 0], jax.random.fold_in(key, t), temperature, top_k, top_p, greedy, filtered)
+        step_key = row_keys(key, rows_B, jnp.full((b,), t, jnp.int32)) if per_row else jax.random.fold_in(key, t)
+        return sample_tokens(logits_B1V[:, 0], step_key, temperature, top_k, top_p, greedy, filtered)
 
     tok_B, logp_B = sample(logits_B1V, 0)
     tokens_BN = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok_B)
     logprobs_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
-    state = (jnp.ones((), jnp.int32), tok_B, is_eos(tok_B), jnp.ones((b,), jnp.int32), tokens_BN, logprobs_BN, cache)
+    done_B = is_eos(tok_B, eos_E)
+    state = (jnp.ones((), jnp.int32), tok_B, done_B, jnp.ones((b,), jnp.int32), tokens_BN, logprobs_BN, cache)
 
     def cond(state):
         t, _, done_B, *_ = state
@@ -175,11 +203,12 @@ def _generate(
         tokens_BN = jax.lax.dynamic_update_slice(tokens_BN, tok_B[:, None], (0, t))
         logprobs_BN = jax.lax.dynamic_update_slice(logprobs_BN, logp_B[:, None], (0, t))
         count_B = count_B + (~done_B).astype(jnp.int32)
-        return t + 1, tok_B, done_B | is_eos(tok_B), count_B, tokens_BN, logprobs_BN, cache
+        return t + 1, tok_B, done_B | is_eos(tok_B, eos_E), count_B, tokens_BN, logprobs_BN, cache
 
     _, _, _, count_B, tokens_BN, logprobs_BN, _ = jax.lax.while_loop(cond, body, state)
 
     # prompt + completion from column 0: shift each left-padded row left by its padding.
+    pad_B1 = (p - lengths_B)[:, None]
     idx_1W = jnp.arange(p + n, dtype=jnp.int32)[None, :]
     both_BW = jnp.concatenate([left_BP, tokens_BN], axis=1)
     src_BW = jnp.clip(idx_1W + pad_B1, 0, p + n - 1)
@@ -193,7 +222,8 @@ def compile_count() -> int:
     return _generate._cache_size()
 
 
-def _eos_array(eos_id: int | Iterable[int] | None, cfg: ModelConfig) -> np.ndarray:
+def eos_array(eos_id: int | Iterable[int] | None, cfg: ModelConfig) -> np.ndarray:
+    """[E] int32 eos ids ([-1], which no token matches, for none)."""
     if eos_id is None:
         eos_id = cfg.eos_token_id
     ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, (int, np.integer)) else sorted(set(eos_id))
@@ -203,7 +233,25 @@ def _eos_array(eos_id: int | Iterable[int] | None, cfg: ModelConfig) -> np.ndarr
     return np.asarray(ids or [-1], np.int32)  # -1 matches no token: no eos
 
 
-def _prompt_arrays(prompt_tokens: Any, prompt_lengths: Any, bucket: int | None) -> tuple[Any, np.ndarray]:
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(
+            f"generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
+        )
+
+
+def check_token_ids(tokens: Any, cfg: ModelConfig) -> None:
+    if isinstance(tokens, np.ndarray) and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+        raise ValueError(f"generate: prompt token ids must be in [0, {cfg.vocab_size})")
+
+
+def default_pad_id(cfg: ModelConfig, pad_id: int | None) -> int:
+    if pad_id is None:
+        return cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    return pad_id
+
+
+def prompt_arrays(prompt_tokens: Any, prompt_lengths: Any, bucket: int | None) -> tuple[Any, np.ndarray]:
     """(right-padded prompts [B, P_bucket], lengths [B]) from token lists or a padded array."""
     if isinstance(prompt_tokens, (list, tuple)) and (not prompt_tokens or not np.isscalar(prompt_tokens[0])):
         if prompt_lengths is not None:
@@ -253,6 +301,7 @@ def generate(
     prompt_bucket: int | None = None,
     sharder: Sharder = Sharder(),
     unstack_layers: bool = True,
+    row_keys: bool = False,
 ) -> GenerateOutput:
     """Samples `max_new_tokens` tokens after each prompt (see the module docstring).
 
@@ -267,18 +316,16 @@ def generate(
     unstack_layers: run the layers from per-layer weight arrays (copied once per call from the stacked
         params: one more copy of the layer weights in memory during the call) instead of the stacked
         layer scan, which copies every layer's weights out of the stack on each decode step.
+    row_keys: draw row b's token t with fold_in(fold_in(key(seed), b), t) instead of one key per step
+        for the whole batch: a row's samples then depend on its index only, not on the rows beside it
+        (what `align_jax.engine.generate_many` does per prompt). Greedy decoding is the same either way.
     """
     if max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(
-            f"generate: need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}"
-        )
-    tokens, lengths = _prompt_arrays(prompt_tokens, prompt_lengths, prompt_bucket)
-    if isinstance(tokens, np.ndarray) and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
-        raise ValueError(f"generate: prompt token ids must be in [0, {cfg.vocab_size})")
-    if pad_id is None:
-        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    check_sampling(temperature, top_k, top_p)
+    tokens, lengths = prompt_arrays(prompt_tokens, prompt_lengths, prompt_bucket)
+    check_token_ids(tokens, cfg)
+    pad_id = default_pad_id(cfg, pad_id)
     greedy = temperature == 0.0
     if sharder.mesh is not None:
         tokens = jax.device_put(tokens, sharder.sharding(("activation_batch", None), tokens.shape))
@@ -286,7 +333,7 @@ def generate(
         params,
         tokens,
         lengths,
-        _eos_array(eos_id, cfg),
+        eos_array(eos_id, cfg),
         np.int32(pad_id),
         np.float32(1.0 if greedy else temperature),
         np.int32(top_k),
@@ -298,4 +345,5 @@ def generate(
         greedy=greedy,
         filtered=not greedy and (top_k > 0 or top_p < 1.0),
         unstacked=unstack_layers,
+        per_row=row_keys,
     )

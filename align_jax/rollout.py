@@ -30,6 +30,7 @@ import numpy as np
 from align_jax.batch import TOKEN_FIELDS
 from align_jax.data.prompts import PromptStream, prompt_messages
 from align_jax.data.tokenize import end_of_turn_ids
+from align_jax.engine import generate_many
 from align_jax.env_rollout import EnvSampling, env_rollout
 from align_jax.generate import generate
 from align_jax.losses import advantages as adv_lib
@@ -125,19 +126,24 @@ class Rollouts:
         prompts, kept = self.augmented(rows)
         prompts = [p for p in prompts for _ in range(n)]
         kept = [r for r in kept for _ in range(n)]
-        out = generate(
-            self.model_cfg,
-            params,
-            [self.prompt_tokens(p) for p in prompts],
+        common = dict(
             max_new_tokens=int(g.max_new_tokens),
             temperature=0.0 if greedy else float(g.temperature),
             top_k=int(g.top_k),
             top_p=float(g.top_p),
             eos_id=self.eot_ids,
             seed=seed,
-            prompt_bucket=int(g.max_prompt_len),
             sharder=self.sharder,
         )
+        tokens = [self.prompt_tokens(p) for p in prompts]
+        if int(g.rollout_slots):
+            # The refill engine: rows that end free their slot for the next prompt, so a long answer does
+            # not hold a whole batch (align_jax/engine.py); prompts prefill at their own width.
+            out = generate_many(
+                self.model_cfg, params, tokens, prompt_width=int(g.max_prompt_len), slots=int(g.rollout_slots), **common
+            )
+        else:
+            out = generate(self.model_cfg, params, tokens, prompt_bucket=int(g.max_prompt_len), **common)
         seqs, plen, glen, logprobs = (
             np.asarray(jax.device_get(x)) for x in (out.sequences, out.prompt_lengths, out.lengths, out.logprobs)
         )

@@ -1,5 +1,6 @@
 """The sampling engine: greedy parity with transformers, log-probs equal to teacher forcing, per-row
-stopping, reproducibility, one compilation per shape, and sharded == unsharded."""
+stopping, reproducibility (per row with row_keys), one compilation per shape, and sharded == unsharded.
+The refill engine over it is tested in test_engine.py."""
 
 from __future__ import annotations
 
@@ -159,6 +160,18 @@ def test_seeds_filters_and_one_compilation_per_shape(qwen):
     greedy = np.asarray(aj.generate(cfg, params, ps, max_new_tokens=NEW, eos_id=()).tokens)
     np.testing.assert_array_equal(sample(4, top_k=1), greedy)
     np.testing.assert_array_equal(sample(5, top_p=1e-6), greedy)
+
+
+def test_row_keys_make_rows_independent(qwen):
+    """With row_keys a row's samples depend on its index only: other prompts beside it change nothing,
+    and the same prompt in two rows (a GRPO group) gets two different samples."""
+    _, cfg, params = qwen
+    ps = prompts(seed=11)
+    kw = dict(max_new_tokens=NEW, temperature=1.0, eos_id=(), seed=3, row_keys=True)
+    a = np.asarray(aj.generate(cfg, params, ps, **kw).tokens)
+    b = np.asarray(aj.generate(cfg, params, [ps[0], ps[1], ps[0]], **kw).tokens)
+    np.testing.assert_array_equal(a[:2], b[:2])
+    assert not np.array_equal(b[0], b[2])
 
 
 def test_padded_array_input_and_layer_scan(qwen):

@@ -69,3 +69,12 @@ def test_environment_episodes_train_with_only_sampled_tokens_in_the_loss(sft_dir
     assert all(m["logp_mismatch/max"] < 1e-4 for m in rows)  # sampler and trainer agree on multi-turn rows
     evals = [m for m in read_metrics(str(tmp_path / "env")) if "eval_reward" in m]
     assert evals and "eval_reward/env" in evals[-1]
+
+
+def test_refill_engine_rollouts_train_and_agree_with_the_trainer(sft_dir, tmp_path):  # noqa: F811
+    c = grpo_config(sft_dir)
+    c.update(rollout_slots=8)  # 24 responses through 8 refilled decode rows
+    c.train.steps = 2
+    rows, _ = losses_and_metrics(c, str(tmp_path / "engine"))
+    assert len(rows) == 2 and all(np.isfinite(m["loss"]) for m in rows)
+    assert all(m["logp_mismatch/max"] < 1e-4 for m in rows)  # the engine's log-probs are the trainer's

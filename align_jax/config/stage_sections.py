@@ -91,6 +91,10 @@ def grpo_section() -> ml_collections.ConfigDict:
     # background thread from a copy of the params, while rollout k's update trains. 0: synchronous.
     # With s > 0 set tis_cap too: the samples are s updates old.
     s.rollout_staleness = 0
+    # Decode rows of the refill engine (align_jax/engine.py): a row that ends takes the next prompt, which
+    # pays when response lengths vary and rows > slots. 0: every response of the rollout in one batch
+    # (align_jax/generate.py). Samples differ between the two (the engine keys them per prompt).
+    s.rollout_slots = 0
     # Multi-turn episodes against an environment instead of single replies (align_jax/envs/, e.g.
     # "calculator"): the environment is the reward (rules and rm_workdir unset), its messages are tokens
     # of the row with no loss, and a row (prompt + every turn) is data.seq_len tokens. "": off.
@@ -188,6 +192,8 @@ def validate_grpo_variants(c: ml_collections.ConfigDict) -> None:
             f"config: need 0 <= overlong_buffer <= max_new_tokens ({c.max_new_tokens}) and overlong_penalty_factor "
             f">= 0, got {c.overlong_buffer}, {c.overlong_penalty_factor}"
         )
+    if c.rollout_slots < 0 or (c.rollout_slots and c.env):
+        raise ConfigValueError("config.rollout_slots must be >= 0 (0: off), and env episodes sample turn by turn (0)")
     if c.rollout_staleness < 0:
         raise ConfigValueError(f"config.rollout_staleness={c.rollout_staleness} must be >= 0 (0: synchronous)")
     _validate_env(c)
