@@ -4,6 +4,8 @@ the episode logic and rewards, the demo problems, and how environment messages b
 from __future__ import annotations
 
 import json
+import os
+import re
 from fractions import Fraction
 
 import pytest
@@ -13,7 +15,7 @@ from align_jax.data.formats import BadRowError
 from align_jax.data.tokenize import TemplateError
 from align_jax.env_rollout import ChatTemplate, env_token_ids
 from align_jax.envs import DEMO_PROBLEMS, CalculatorEnv, env_factory
-from align_jax.envs.base import StepResult, check_step, tool_role
+from align_jax.envs.base import StepResult, as_rendered, check_step, tool_role
 from align_jax.envs.calculator import CalcError, answer_matches, evaluate, find_calls, format_number
 from tests.data.chat_templates import make_tokenizer
 
@@ -162,3 +164,48 @@ def test_a_template_that_rewrites_the_chat_is_a_clear_error():
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     with pytest.raises(TemplateError, match="renders the chat differently once the environment's messages"):
         env_token_ids(phi3, messages, [{"role": "user", "content": "more"}])
+
+
+# An oracle apart from the generator: the expression each kind of demo word problem asks for.
+ORACLE = (
+    ("holds", lambda a, b: f"{a}*{b}"),
+    ("rows of", lambda a, b: f"{a}*{b}"),
+    ("more", lambda a, b: f"{a}+{b}"),
+    ("gives away", lambda a, b: f"{a}-{b}"),
+    ("shared equally", lambda a, b: f"{a}/{b}"),
+    ("tickets at", lambda a, b, c: f"{a}*{b}+{c}"),
+)
+
+
+def solve(problem: str) -> str:
+    (make,) = [f for key, f in ORACLE if key in problem]
+    return format_number(evaluate(make(*re.findall(r"\d+", problem))))
+
+
+def test_calculator_demo_files_are_reproduced_and_right(tmp_path):
+    from align_jax.envs import make_calculator_data as gen
+
+    for path in gen.write_files(str(tmp_path)):
+        bundled = os.path.join(gen.DATA_DIR, os.path.basename(path))
+        with open(path, "rb") as new, open(bundled, "rb") as old:
+            assert new.read() == old.read(), f"{bundled} is stale: rerun python -m align_jax.envs.make_calculator_data"
+    files = {name: [json.loads(line) for line in lines] for name, lines in gen.make_files().items()}
+    for row in files["calculator_train"] + files["calculator_eval"]:
+        assert solve(row["prompt"]) == format_number(evaluate(row["expression"])) == row["answer"], row
+    train = {r["prompt"] for r in files["calculator_train"]} | {
+        c["messages"][1]["content"] for c in files["calculator_sft"]
+    }
+    assert not train & {r["prompt"] for r in files["calculator_eval"]}
+    chats = files["calculator_sft"] + files["calculator_sft_eval"]
+    for chat in chats:
+        # Replayed through the environment, each SFT chat is the episode RL would run (its tool message
+        # as a user turn, as templates without a tool role render it) and it earns the full reward.
+        msgs = chat["messages"]
+        env = CalculatorEnv()
+        episode = env.reset({"prompt": msgs[1]["content"], "answer": solve(msgs[1]["content"])})
+        for reply in msgs[len(episode) :: 2]:
+            result = env.step(turn(episode, reply["content"]))
+            episode = turn(episode, reply["content"]) + result.messages
+        assert result.done and result.reward == 1.0 and as_rendered(episode, "user") == msgs, msgs
+    share = sum(len(c["messages"]) == 5 for c in chats) / len(chats)
+    assert 0.3 < share < 0.7  # both tool-using and tool-free chats (see make_calculator_data)

@@ -9,18 +9,20 @@ are what it cannot work out in its head.
 
 calculator_sft.jsonl / calculator_sft_eval.jsonl: chats in the `messages` format (system / user /
 assistant only, what the SFT reader takes). The system prompt is CalculatorEnv's, so SFT sees the very
-chat the environment starts an RL episode with. A TOOL_SHARE of them use the calculator:
+chat the environment starts an RL episode with. Some chats use the calculator:
 
     assistant  <calc>12*7</calc>
     user       12*7 = 84                   the environment's tool message, text as CalculatorEnv writes it
     assistant  84
 
-and the rest answer at once (`84`): a mix of tool-using and tool-free transcripts, as SFT data gathered
-from several sources is. The SFT model then calls the tool on some problems and guesses on others, so RL
-has something to find: episodes that call the tool are right far more often, and GRPO shifts the policy
-towards calling it (configs/grpo.py:calculator_tiny has the measured curve). The tool message sits in a
-user turn because the SFT reader has no tool role; align_jax/envs/base.py sends it under the role the
-chat template renders (for the demo's ChatML tokenizer, "tool").
+and the rest answer at once (`84`), in a share that differs by kind of problem (TEMPLATES): most
+products, differences, fair shares and two-step totals go through the calculator, one sum or seat count
+in ten does. A mix, as SFT data gathered from several sources is; the SFT model then calls the tool on
+some kinds and guesses on the others, so RL has something to find: episodes that call the tool are right
+far more often, and GRPO spreads the calls to every kind (configs/grpo.py:calculator_tiny has the
+measured curve). The tool message sits in a user turn because the SFT reader has no tool role;
+align_jax/envs/base.py sends it under the role the chat template renders (for the demo's ChatML
+tokenizer, "tool").
 
 calculator_train.jsonl / calculator_eval.jsonl: RL prompt rows {"prompt", "answer", "expression"} from
 the same templates, each from its own random stream; no eval problem is in the RL train file or in the
@@ -39,11 +41,10 @@ from align_jax.envs.calculator import SYSTEM_PROMPT, evaluate, format_number
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SEED = 20250611
-SFT_SIZE, SFT_EVAL_SIZE = 3000, 200
+SFT_SIZE, SFT_EVAL_SIZE = 4000, 200
 RL_TRAIN_SIZE, RL_EVAL_SIZE = 2000, 200
-# The share of SFT chats that call the calculator; the rest answer without it (see the docstring).
-TOOL_SHARE = 0.35
-# Each file draws from stream SEED + offset, so resizing one file leaves the others as they are.
+# Each file draws from stream SEED + offset, so resizing one file redraws none of the others (an eval
+# file may then skip other duplicates of training problems).
 STREAMS = {"calculator_sft": 0, "calculator_sft_eval": 1, "calculator_train": 2, "calculator_eval": 3}
 
 NAMES = ("Sam", "Ana", "Leo", "Mia", "Tom", "Ivy", "Max", "Zoe", "Ben", "Eva")
@@ -85,27 +86,35 @@ def _two_step(rng: random.Random) -> tuple[str, str]:
     )
 
 
-TEMPLATES: tuple[Callable[[random.Random], tuple[str, str]], ...] = (
-    _product,
-    _rows,
-    _sum,
-    _difference,
-    _share,
-    _two_step,
+# (problem maker, the share of its SFT chats that call the calculator): the rest answer at once. The
+# shares differ by kind, as if the transcripts' authors reached for the calculator on the problems that
+# look hard and not on the sums and seat counts; see the module docstring.
+TEMPLATES: tuple[tuple[Callable[[random.Random], tuple[str, str]], float], ...] = (
+    (_product, 0.7),
+    (_rows, 0.1),
+    (_sum, 0.1),
+    (_difference, 0.6),
+    (_share, 0.6),
+    (_two_step, 0.7),
 )
+
+
+def _draw(rng: random.Random) -> tuple[dict, float]:
+    make, tool_share = rng.choice(TEMPLATES)
+    prompt, expression = make(rng)
+    return {"prompt": prompt, "answer": format_number(evaluate(expression)), "expression": expression}, tool_share
 
 
 def make_problem(rng: random.Random) -> dict:
     """One RL row: {"prompt", "answer", "expression"}, the answer as the calculator writes it."""
-    prompt, expression = rng.choice(TEMPLATES)(rng)
-    return {"prompt": prompt, "answer": format_number(evaluate(expression)), "expression": expression}
+    return _draw(rng)[0]
 
 
 def make_chat(rng: random.Random) -> dict:
-    """One SFT chat on a fresh problem: through the calculator (TOOL_SHARE of them) or answered at once."""
-    row = make_problem(rng)
+    """One SFT chat on a fresh problem: through the calculator (its kind's share of them) or answered at once."""
+    row, tool_share = _draw(rng)
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": row["prompt"]}]
-    if rng.random() < TOOL_SHARE:
+    if rng.random() < tool_share:
         # The tool line is run_calls' text for a well-formed call: "EXPR = RESULT".
         messages += [
             {"role": "assistant", "content": f"<calc>{row['expression']}</calc>"},
