@@ -22,7 +22,7 @@ import bisect
 import glob
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,6 +50,19 @@ def iter_jsonl(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
             yield where, row
+
+
+def load_jsonl_rows(path: str, validate: Callable[[Any, str], Any], limit: int | None = None) -> list[Any]:
+    """`validate(row, where)` of each row of a small JSONL prompt file (its first `limit` rows when given),
+    which raises naming the file, line and field for a bad row; an empty file is an error too."""
+    rows = []
+    for where, raw in iter_jsonl(path):
+        rows.append(validate(raw, where))
+        if limit is not None and len(rows) >= limit:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
 
 
 class RowSource(Protocol):

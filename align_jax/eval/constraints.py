@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from align_jax.data.sources import iter_jsonl
+from align_jax.data.sources import load_jsonl_rows
 
 # The checks and their registry live in constraint_checks.py; re-exported so this module stays the one
 # place callers import the constraint evaluation from.
@@ -166,15 +166,7 @@ def resolve_prompt_set(path: str) -> str:
 def load_prompt_set(path: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The validated rows of a JSONL prompt set (its first `limit` rows when given). A bad row raises
     ValueError naming the file, the line and the field."""
-    path = resolve_prompt_set(path)
-    rows = []
-    for where, raw in iter_jsonl(path):
-        rows.append(validate_row(raw, where))
-        if limit is not None and len(rows) >= limit:
-            break
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
+    return load_jsonl_rows(resolve_prompt_set(path), validate_row, limit)
 
 
 # Scoring ----------------------------------------------------------------------------------------------

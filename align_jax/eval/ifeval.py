@@ -33,7 +33,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from align_jax.data.sources import iter_jsonl
+from align_jax.data.sources import load_jsonl_rows
 from align_jax.eval.ifeval_checks import INSTRUCTIONS, RELATIONS
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -133,15 +133,7 @@ def resolve_ifeval(path: str) -> str:
 def load_ifeval(path: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The validated rows of an IFEval JSONL file (its first `limit` rows when given). A bad row raises
     ValueError naming the file, the line and the field."""
-    path = resolve_ifeval(path)
-    rows = []
-    for where, raw in iter_jsonl(path):
-        rows.append(validate_row(raw, where))
-        if limit is not None and len(rows) >= limit:
-            break
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
+    return load_jsonl_rows(resolve_ifeval(path), validate_row, limit)
 
 
 # Scoring ----------------------------------------------------------------------------------------------
