@@ -13,7 +13,7 @@ Templates:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import transformers
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -72,6 +72,21 @@ def train_tokenizer(
     if template not in TEMPLATES:
         raise ValueError(f"template={template!r}; expected one of {sorted(TEMPLATES)}")
     chat_template, specials, bos, eos, pad = TEMPLATES[template]
+    return train_bpe(_with_role_names(texts), vocab_size, chat_template, specials, bos=bos, eos=eos, pad=pad)
+
+
+def train_bpe(
+    texts: Iterable[str],
+    vocab_size: int,
+    chat_template: str,
+    specials: Sequence[str],
+    *,
+    bos: str | None,
+    eos: str,
+    pad: str,
+) -> transformers.PreTrainedTokenizerFast:
+    """`train_tokenizer` for any chat template and special tokens (the tests' real-template fixtures):
+    `texts` as given, so a caller names the role words its template writes."""
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):
         raise ValueError(f"vocab_size={vocab_size} is below the {len(alphabet)} bytes + {len(specials)} special tokens")
@@ -87,7 +102,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=alphabet, show_progress=False
     )
-    tok.train_from_iterator(_with_role_names(texts), trainer)
+    tok.train_from_iterator(texts, trainer)
     post = [processors.ByteLevel(trim_offsets=False)]
     if bos is not None:
         # Like Llama 3: plain `tokenizer(text)` prepends BOS. The chat template writes BOS itself, so

@@ -25,9 +25,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import transformers
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from align_jax.data.bpe import SPLIT_PATTERN
+from align_jax.data.bpe import train_bpe
 
 LLAMA31 = """{{- bos_token }}
 {%- if not date_string is defined %}{%- set date_string = "26 Jul 2024" %}{%- endif %}
@@ -214,29 +213,9 @@ def make_tokenizer(family: str, texts: Sequence[str], vocab_size: int = 320) -> 
     """A byte-level BPE trained on `texts` with `family`'s special tokens and chat template; like the
     real ones, a plain `tokenizer(text)` prepends BOS where the family has one."""
     template, specials, bos, eos, pad, added = FAMILIES[family]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(["system user assistant model", *texts], trainer)
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if bos is not None:
-        bos_id = tok.token_to_id(bos)
-        post.append(processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)]))
-    tok.post_processor = processors.Sequence(post)
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad)
+    corpus = ["system user assistant model", *texts]  # the role words the templates write (Gemma's "model")
+    hf = train_bpe(corpus, vocab_size, template, specials, bos=bos, eos=eos, pad=pad)
     if added:
         # Qwen3's <think> and </think> are added tokens but not special ones: decoding keeps them.
         hf.add_tokens(list(added))
-    hf.chat_template = template
     return hf
