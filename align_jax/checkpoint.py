@@ -27,7 +27,8 @@ import orbax.checkpoint as ocp
 
 from align_jax.config.deprecated import upgrade_saved
 from align_jax.errors import NotFoundError, UserError
-from align_jax.models.config import ModelConfig, from_hf_dict, read_hf_config
+from align_jax.models.config import ModelConfig
+from align_jax.models.hf_config import from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
 from align_jax.workdir import CHECKPOINT_DIR, checkpoint_dir, config_diff, latest_step_on_disk, read_summary
 

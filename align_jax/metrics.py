@@ -51,7 +51,7 @@ def device_peak_flops(device) -> float:
 def flops_per_token(cfg: ModelConfig, avg_context: float, backward: bool = True) -> float:
     """Training FLOPs per real token (see the module docstring). `avg_context` is the mean number of
     keys a query attends to (about half its segment length under causal masking)."""
-    n_matmul = cfg.num_params(include_embedding=False)
+    n_matmul = cfg.num_params(include_embedding=False, active=True)
     if cfg.tie_word_embeddings:
         n_matmul += cfg.vocab_size * cfg.hidden_size  # the head still multiplies by the shared table
     attn = 2 * 2 * cfg.num_layers * cfg.num_heads * cfg.head_size * avg_context  # QK^T and PV, forward

@@ -173,7 +173,7 @@ def torch_step(result: dict):
     import torch
     import transformers
 
-    from align_jax.models.config import to_hf_dict
+    from align_jax.models.hf_config import to_hf_dict
 
     cfg = result["_run"].model_cfg
     hf_cfg = transformers.AutoConfig.for_model(**to_hf_dict(cfg))

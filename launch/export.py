@@ -30,8 +30,8 @@ def export(
     from transformers import AutoTokenizer
 
     from align_jax import checkpoint
-    from align_jax.models.config import from_hf_dict
     from align_jax.models.hf import abstract_params, save_pretrained
+    from align_jax.models.hf_config import from_hf_dict
     from align_jax.workdir import TOKENIZER_DIR
 
     saved = checkpoint.read_config(workdir, step)

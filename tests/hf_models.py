@@ -28,6 +28,37 @@ TINY = {
     ),
     "qwen2": dict(cls=transformers.Qwen2Config, kw=dict(tie_word_embeddings=True, rope_theta=1000000.0)),
     "mistral": dict(cls=transformers.MistralConfig, kw=dict(sliding_window=5, head_dim=12)),
+    # q/k norms and a head_dim that is not hidden / heads.
+    "qwen3": dict(cls=transformers.Qwen3Config, kw=dict(head_dim=16, rope_theta=1000000.0)),
+    # Small soft caps so they bend the numbers; query scaling != head_dim; local/global layers with a
+    # window shorter than the test sequence; GeGLU; (1 + w) and sandwich norms; scaled embeddings.
+    "gemma2": dict(
+        cls=transformers.Gemma2Config,
+        kw=dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            attn_logit_softcapping=0.03,
+            final_logit_softcapping=3.0,
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        ),
+    ),
+    # Gemma 3 adds q/k norms and a RoPE base (and scaling) per layer type.
+    "gemma3": dict(
+        cls=transformers.Gemma3TextConfig,
+        kw=dict(
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=5,
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            },
+        ),
+    ),
 }
 COMMON = dict(
     vocab_size=211,

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from align_jax.models.apply import ApplyFn
+from align_jax.models.attention import soft_cap
 
 
 def target_mask(batch: dict[str, jax.Array]) -> jax.Array:
@@ -68,7 +69,7 @@ def lm_head_weight(params: Any) -> jax.Array:
 
 
 def chunked_token_stats(
-    hidden_BTE: jax.Array, w_EV: jax.Array, targets_BT: jax.Array, chunk: int
+    hidden_BTE: jax.Array, w_EV: jax.Array, targets_BT: jax.Array, chunk: int, softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(nll, logZ, correct) per token, with the LM head applied `chunk` positions at a time inside a
     checkpointed scan: only one chunk's [B, chunk, V] logits exist, forward or backward, instead of
@@ -81,7 +82,7 @@ def chunked_token_stats(
     @jax.checkpoint
     def one(h_BCE, y_BC):
         logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
-        return token_xent(logits, y_BC)
+        return token_xent(soft_cap(logits, softcap), y_BC)
 
     stats = jax.lax.map(lambda xs: one(*xs), (h_NBCE, y_NBC))
     return tuple(x.swapaxes(0, 1).reshape(b, t) for x in stats)
@@ -102,7 +103,8 @@ def token_stats(
         pad = -t % loss_chunk  # the last chunk is padded; padded positions carry no target
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         w = lm_head_weight(params)
-        stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk)
+        softcap = getattr(apply_fn, "final_softcap", None)  # Gemma 2 caps the logits the decoder would return
+        stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk, softcap)
         return tuple(x[:, :t] for x in stats)
     logits = apply_fn(params, tokens, positions, segments)[:, :-1]
     return token_xent(logits, targets)

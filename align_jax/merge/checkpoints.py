@@ -40,7 +40,8 @@ from align_jax.merge.methods import (
 )
 from align_jax.merge.sources import Source, check_same_architecture, open_source
 from align_jax.models import hf
-from align_jax.models.config import RUNTIME_FIELDS, to_hf_dict
+from align_jax.models.config import RUNTIME_FIELDS
+from align_jax.models.hf_config import to_hf_dict
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import orbax.checkpoint as ocp
 
 from align_jax import checkpoint
 from align_jax.models import hf
-from align_jax.models.config import RUNTIME_FIELDS, ModelConfig, from_hf_dict, read_hf_config
+from align_jax.models.config import RUNTIME_FIELDS, ModelConfig
+from align_jax.models.hf_config import from_hf_dict, read_hf_config
 
 # ModelConfig fields that may differ between merged models (token ids a tokenizer set, how far RoPE was
 # declared to reach, the init scale): the output takes the anchor's. Every other architecture field

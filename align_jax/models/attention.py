@@ -63,12 +63,18 @@ def make_mask(
     return mask
 
 
-def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float) -> jax.Array:
+def soft_cap(scores: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's soft-capping, cap * tanh(x / cap): scores stay in (-cap, cap), smoothly."""
+    return scores if cap is None else cap * jnp.tanh(scores / cap)
+
+
+def reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention with a float32 softmax."""
     b, t, n, h = q_BTNH.shape
     kv = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
     scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    scores = soft_cap(scores, softcap)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
@@ -100,12 +106,13 @@ def write_cache(cache, new_BTKH: jax.Array, layer, index: jax.Array):
     )
 
 
-def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, scale: float) -> jax.Array:
+def cached_attention(q_BTNH, k_BKSH, v_BKSH, mask_BTS, scale: float, softcap: float | None = None) -> jax.Array:
     """`reference_attention` over keys and values in the cache's kv-head-major layout."""
     b, t, n, h = q_BTNH.shape
     kv = k_BKSH.shape[1]
     q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH, preferred_element_type=jnp.float32) * scale
+    scores = soft_cap(scores, softcap)
     scores = jnp.where(mask_BTS[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH)
@@ -123,7 +130,9 @@ def causal_block_size(length: int) -> int | None:
     return block if length % block == 0 else None
 
 
-def blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sliding_window: int | None = None):
+def blocked_causal_attention(
+    q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sliding_window: int | None = None, softcap: float | None = None
+):
     """The reference attention, one block of queries at a time, each over only the keys it can see:
     the block's causal prefix, trimmed at the front by the sliding window. Same numbers, about half
     the score FLOPs, a block-sized score buffer, ~3x faster on CPU. q/k/v are moved to head-major
@@ -132,7 +141,7 @@ def blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sli
     b, t, n, h = q_BTNH.shape
     block = causal_block_size(t)
     if block is None or k_BSKH.shape[1] != t:
-        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, softcap)
     kv = k_BSKH.shape[2]
     q_BKGTH = q_BTNH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
     k_BKSH, v_BKSH = k_BSKH.transpose(0, 2, 1, 3), v_BSKH.transpose(0, 2, 1, 3)
@@ -146,7 +155,8 @@ def blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale: float, sli
             k_BKSH[:, :, first:end],
             preferred_element_type=jnp.float32,
         )
-        scores = jnp.where(mask_BTS[:, None, None, start:end, first:end], scores * scale, _MASK_VALUE)
+        scores = soft_cap(scores * scale, softcap)
+        scores = jnp.where(mask_BTS[:, None, None, start:end, first:end], scores, _MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
         outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH[:, :, first:end]))
     out_BKGTH = jnp.concatenate(outs, axis=3)
@@ -178,12 +188,28 @@ def resolve_impl(name: str, dtype: jnp.dtype) -> str:
 
 
 def attention(
-    q_BTNH, k_BSKH, v_BSKH, mask_BTS, *, impl: str = "auto", aligned: bool = False, sliding_window: int | None = None
+    q_BTNH,
+    k_BSKH,
+    v_BSKH,
+    mask_BTS,
+    *,
+    impl: str = "auto",
+    aligned: bool = False,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """`aligned`: query i and key i are the same position (no cache offset), so the reference path
-    may skip the key blocks that causality masks whole."""
-    scale = q_BTNH.shape[-1] ** -0.5
+    may skip the key blocks that causality masks whole. `scale` defaults to head_dim ** -0.5.
+    With `softcap` (Gemma 2) the fused kernels, which cannot cap scores, give way to the reference."""
+    scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_impl(impl, q_BTNH.dtype)
+    if softcap is not None and impl == "auto":
+        name = "reference"
     if name == "reference" and aligned:
-        return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sliding_window)
+        return blocked_causal_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, sliding_window, softcap)
+    if name == "reference":
+        return reference_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale, softcap)
+    if softcap is not None:
+        raise ConfigError(f"attention_impl={name!r} cannot soft-cap attention scores; use auto or reference")
     return _IMPLS[name](q_BTNH, k_BSKH, v_BSKH, mask_BTS, scale)

@@ -7,8 +7,6 @@ fields (dtypes, attention implementation, remat) are ours: they never reach `con
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,12 +16,26 @@ ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+MOE_TYPES = ("qwen3_moe", "mixtral")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+MOE_IMPLS = ("auto", "ragged", "dense")
+# The projections LoRA may adapt, by their module names (HF's names too, so PEFT's target_modules match).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_qkv_attn", "save_out_proj")
 ATTENTION_IMPLS = ("auto", "reference", "cudnn", "splash")
 # ModelConfig fields that are ours, not the checkpoint's: they never reach config.json.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit", "scan_unroll")
+# Runtime fields set from other config sections (`config.lora`, `config.model.moe_impl` when present).
+EXTRA_RUNTIME_FIELDS = ("moe_impl", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 class ConfigError(ValueError):
@@ -32,7 +44,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A Llama / Qwen2 / Mistral-family decoder. Frozen and hashable: it is a static jit argument."""
+    """A Llama / Qwen2 / Mistral / Qwen3 / Qwen3-MoE / Mixtral / Gemma 2 / Gemma 3 decoder. Frozen and
+    hashable: it is a static jit argument. The family differences are fields, so one set of modules
+    covers them all: q/k norms (Qwen3, Gemma 3), routed experts (Qwen3-MoE, Mixtral), and Gemma's
+    embedding scale, (1 + w) norms, norms on both sides of each sublayer, soft-capping, query scaling,
+    GELU and alternating local / global layers."""
 
     model_type: str = "llama"
     vocab_size: int = 256
@@ -57,6 +73,29 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Qwen3 / Gemma 3: an RMSNorm over head_dim on queries and keys, before RoPE.
+    qk_norm: bool = False
+    hidden_act: str = "silu"  # the MLP's gate activation: silu (SwiGLU) or gelu_tanh (Gemma's GeGLU)
+    # Gemma: RMSNorm computed in float32 and scaled by (1 + w) (weights stored around 0).
+    norm_plus_one: bool = False
+    # Gemma 2/3: a norm on each sublayer's output too, before it joins the residual stream.
+    sandwich_norms: bool = False
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size)
+    attn_softcap: float | None = None  # Gemma 2: scores -> cap * tanh(scores / cap) before the mask
+    final_softcap: float | None = None  # Gemma 2: the same on the output logits
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scale by this ** -0.5, not head_dim ** -0.5
+    # Per-layer attention kind ("sliding_attention" sees `sliding_window` keys back, "full_attention" all);
+    # None: every layer slides when sliding_window is set (Mistral), else every layer is full.
+    layer_types: tuple[str, ...] | None = None
+    # Gemma 3: sliding layers rotate with this base (and no scaling); full layers use rope_theta/rope_scaling.
+    rope_local_theta: float | None = None
+    # Mixture of experts (Qwen3-MoE, Mixtral): every layer's MLP is num_experts SwiGLU experts of
+    # moe_intermediate_size, num_experts_per_tok of them per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in the training loss
 
     # Runtime settings (not part of the checkpoint).
     param_dtype: str = "float32"
@@ -67,6 +106,12 @@ class ModelConfig:
     # Unrolling of the layer scan (1 = a rolled loop). Unrolled, XLA skips stacking each layer's saved
     # activations into [L, ...] buffers: faster for small models on CPU; big models keep 1 for compile time.
     scan_unroll: int = 1
+    moe_impl: str = "auto"  # ragged: sorted tokens through grouped matmuls; dense: every expert on every token
+    # LoRA (config.lora): rank 0 is off. The adapted projections gain lora_a [in..., r] and lora_b [r, out...].
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:
@@ -93,6 +138,32 @@ class ModelConfig:
             bad(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            bad(f"hidden_act={self.hidden_act!r} is not one of {HIDDEN_ACTS}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                bad(f"layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}")
+            if set(self.layer_types) - set(LAYER_TYPES):
+                bad(f"layer_types may hold only {LAYER_TYPES}, got {sorted(set(self.layer_types))}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                bad("layer_types has sliding_attention layers but sliding_window is None")
+        if self.num_experts:
+            if self.model_type not in MOE_TYPES:
+                bad(f"num_experts is set but model_type={self.model_type!r} has no experts ({MOE_TYPES} do)")
+            if not 0 < self.num_experts_per_tok <= self.num_experts:
+                bad(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+        elif self.model_type in MOE_TYPES:
+            bad(f"model_type={self.model_type!r} needs num_experts > 0")
+        if self.moe_impl not in MOE_IMPLS:
+            bad(f"moe_impl={self.moe_impl!r} is not one of {MOE_IMPLS}")
+        if self.lora_rank < 0:
+            bad(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank and not self.lora_targets:
+            bad("lora_rank > 0 needs at least one of lora_targets")
+        if set(self.lora_targets) - set(LORA_TARGETS):
+            bad(f"lora_targets may hold only {LORA_TARGETS}, got {sorted(set(self.lora_targets) - set(LORA_TARGETS))}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            bad(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         for name in ("param_dtype", "dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -111,176 +182,42 @@ class ModelConfig:
     def jnp_param_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
 
+    @property
+    def mixed_layers(self) -> bool:
+        """Whether layers differ in attention kind (Gemma): each layer then picks its mask and RoPE."""
+        return self.layer_types is not None and len(set(self.layer_types)) > 1
+
+    @property
+    def uniform_window(self) -> int | None:
+        """The window of the shared mask: None (full attention) when some layer is full, since layers
+        that differ pick the sliding one from `local_mask`."""
+        if self.layer_types is not None and "full_attention" in self.layer_types:
+            return None
+        return self.sliding_window
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
-    def num_params(self, include_embedding: bool = True) -> int:
-        """Parameter count from the shapes alone (used for MFU accounting)."""
+    def num_params(self, include_embedding: bool = True, active: bool = False) -> int:
+        """Parameter count from the shapes alone. `active`: with experts, count only the
+        num_experts_per_tok experts a token runs through (what MFU accounting needs)."""
         e, f, h = self.hidden_size, self.intermediate_size, self.head_size
         n, k = self.num_heads, self.num_kv_heads
         attn = e * (n + 2 * k) * h + n * h * e
         attn += (n + 2 * k) * h if self.qkv_bias else 0
         attn += e if self.o_bias else 0
-        mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
-        per_layer = attn + mlp + 2 * e
+        attn += 2 * h if self.qk_norm else 0
+        if self.num_experts:
+            experts = self.num_experts_per_tok if active else self.num_experts
+            mlp = experts * 3 * e * self.expert_size + e * self.num_experts
+        else:
+            mlp = 3 * e * f + ((2 * f + e) if self.mlp_bias else 0)
+        per_layer = attn + mlp + (4 if self.sandwich_norms else 2) * e
         total = self.num_layers * per_layer + e
         head = 0 if self.tie_word_embeddings else self.vocab_size * e
         emb = self.vocab_size * e
         return total + head + (emb if include_embedding else 0)
-
-
-# ---------------------------------------------------------------------------------------------
-# HF config.json <-> ModelConfig
-
-
-def _rope_from_hf(d: dict[str, Any], where: str) -> tuple[float, tuple | None]:
-    """Reads both the transformers<5 form (`rope_theta` + `rope_scaling`) and the >=5 form
-    (`rope_parameters` holding `rope_theta` and `rope_type`)."""
-    params = d.get("rope_parameters")
-    scaling = d.get("rope_scaling")
-    theta = d.get("rope_theta")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", theta)
-        scaling = params if scaling is None else scaling
-    theta = 10000.0 if theta is None else float(theta)
-    if not scaling:
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "linear":
-        return theta, ("linear", float(scaling["factor"]))
-    if kind == "llama3":
-        try:
-            return theta, (
-                "llama3",
-                float(scaling["factor"]),
-                float(scaling["low_freq_factor"]),
-                float(scaling["high_freq_factor"]),
-                int(scaling["original_max_position_embeddings"]),
-            )
-        except KeyError as e:
-            raise ConfigError(f"{where}: llama3 rope scaling is missing field {e}") from None
-    raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (supported: {ROPE_TYPES})")
-
-
-def from_hf_dict(d: dict[str, Any], where: str = "config.json", **runtime: Any) -> ModelConfig:
-    """Builds a ModelConfig from the contents of an HF `config.json`; `runtime` sets our own fields."""
-    model_type = d.get("model_type")
-    if model_type not in ARCHITECTURES:
-        archs = d.get("architectures")
-        raise ConfigError(
-            f"{where}: unsupported architecture model_type={model_type!r} (architectures={archs}); "
-            f"align_jax supports {sorted(ARCHITECTURES)}"
-        )
-    act = d.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ConfigError(f"{where}: hidden_act={act!r} is not supported (SwiGLU with silu only)")
-    try:
-        hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-        theta, scaling = _rope_from_hf(d, where)
-        sliding = None
-        if model_type == "mistral":
-            sliding = d.get("sliding_window")
-        elif model_type == "qwen2" and d.get("use_sliding_window"):
-            # Qwen2's sliding window applies to some layers only (`max_window_layers`); released
-            # Qwen2/2.5 checkpoints all ship with it off. A per-layer window is not built yet.
-            raise ConfigError(f"{where}: Qwen2 use_sliding_window=true is not supported")
-        attention_bias = bool(d.get("attention_bias", False))
-        head_dim = d.get("head_dim")
-        cfg = ModelConfig(
-            model_type=model_type,
-            vocab_size=int(d["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or heads),
-            head_dim=None if head_dim is None or int(head_dim) * heads == hidden else int(head_dim),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            qkv_bias=True if model_type == "qwen2" else attention_bias,
-            o_bias=attention_bias if model_type == "llama" else False,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=None if sliding is None else int(sliding),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list) else d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            **runtime,
-        )
-    except KeyError as e:
-        raise ConfigError(f"{where}: required field {e} is missing") from None
-    return cfg
-
-
-def to_hf_dict(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
-    """The `config.json` for `cfg`. Rope is written in the legacy form (`rope_theta` + `rope_scaling`),
-    which transformers 4.x reads natively and 5.x converts on load."""
-    d: dict[str, Any] = {
-        "architectures": [ARCHITECTURES[cfg.model_type]],
-        "model_type": cfg.model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.head_size,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "initializer_range": cfg.initializer_range,
-        "attention_dropout": 0.0,
-        "use_cache": True,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id,
-        "pad_token_id": cfg.pad_token_id,
-    }
-    if cfg.rope_scaling is not None:
-        kind = cfg.rope_scaling[0]
-        if kind == "linear":
-            d["rope_scaling"] = {"rope_type": "linear", "factor": cfg.rope_scaling[1]}
-        else:
-            _, factor, low, high, orig = cfg.rope_scaling
-            d["rope_scaling"] = {
-                "rope_type": "llama3",
-                "factor": factor,
-                "low_freq_factor": low,
-                "high_freq_factor": high,
-                "original_max_position_embeddings": orig,
-            }
-    if cfg.model_type == "llama":
-        if cfg.qkv_bias != cfg.o_bias:
-            raise ConfigError("llama checkpoints have one attention_bias for q/k/v/o; qkv_bias != o_bias")
-        d["attention_bias"] = cfg.qkv_bias
-        d["mlp_bias"] = cfg.mlp_bias
-    elif cfg.model_type == "qwen2":
-        if not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
-            raise ConfigError("qwen2 checkpoints have q/k/v bias only")
-        d["use_sliding_window"] = False
-        d["sliding_window"] = None
-    elif cfg.model_type == "mistral":
-        if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
-            raise ConfigError("mistral checkpoints have no biases")
-        d["sliding_window"] = cfg.sliding_window
-    if torch_dtype is not None:
-        d["torch_dtype"] = torch_dtype
-    return d
-
-
-def read_hf_config(hf_dir: str | os.PathLike, **runtime: Any) -> ModelConfig:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_dict(d, where=path, **runtime)

@@ -11,6 +11,7 @@ only when asked, never a directory that holds anything else.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -26,7 +27,9 @@ from jax.sharding import SingleDeviceSharding
 
 from align_jax import outdir
 from align_jax.models import safetensors_io
-from align_jax.models.config import ModelConfig, read_hf_config, to_hf_dict
+from align_jax.models.config import ModelConfig
+from align_jax.models.hf_config import read_hf_config, to_hf_dict
+from align_jax.models.hf_names import LeafNames, TensorRef, hf_shape, leaf_names, ref_name, to_hf, to_ours
 from align_jax.models.transformer import boxed_init
 from align_jax.sharding import Sharder, tree_shardings
 
@@ -38,63 +41,6 @@ IGNORED_TENSORS = ("model.rotary_emb.inv_freq",)
 
 class CheckpointFormatError(ValueError):
     """An HF checkpoint whose tensors do not match its config."""
-
-
-# (our path below `layers/stack`) -> (HF name below `model.layers.{i}`, layout), where layout is
-#   None: the same array;  0: HF holds it flattened to 1-D (norm scales, biases [N, H] -> [N*H]);
-#   k>0: our kernel [in (k dims)..., out...] is HF's weight [out, in] transposed and flattened.
-_LAYER_MAP = {
-    ("input_norm", "scale"): ("input_layernorm.weight", 0),
-    ("post_attn_norm", "scale"): ("post_attention_layernorm.weight", 0),
-    ("attn", "q_proj", "kernel"): ("self_attn.q_proj.weight", 1),
-    ("attn", "k_proj", "kernel"): ("self_attn.k_proj.weight", 1),
-    ("attn", "v_proj", "kernel"): ("self_attn.v_proj.weight", 1),
-    ("attn", "o_proj", "kernel"): ("self_attn.o_proj.weight", 2),
-    ("attn", "q_proj", "bias"): ("self_attn.q_proj.bias", 0),
-    ("attn", "k_proj", "bias"): ("self_attn.k_proj.bias", 0),
-    ("attn", "v_proj", "bias"): ("self_attn.v_proj.bias", 0),
-    ("attn", "o_proj", "bias"): ("self_attn.o_proj.bias", 0),
-    ("mlp", "gate_proj", "kernel"): ("mlp.gate_proj.weight", 1),
-    ("mlp", "up_proj", "kernel"): ("mlp.up_proj.weight", 1),
-    ("mlp", "down_proj", "kernel"): ("mlp.down_proj.weight", 1),
-    ("mlp", "gate_proj", "bias"): ("mlp.gate_proj.bias", 0),
-    ("mlp", "up_proj", "bias"): ("mlp.up_proj.bias", 0),
-    ("mlp", "down_proj", "bias"): ("mlp.down_proj.bias", 0),
-}
-_TOP_MAP = {
-    ("embed", "embedding"): ("model.embed_tokens.weight", None),
-    ("final_norm", "scale"): ("model.norm.weight", 0),
-    ("lm_head", "kernel"): ("lm_head.weight", 1),
-}
-
-
-def _hf_names(path: tuple[str, ...], num_layers: int) -> tuple[list[str], int | None]:
-    """HF tensor names for one of our leaves (L names for a stacked leaf) and its layout kind."""
-    if path[:2] == ("layers", "stack"):
-        name, n_in = _LAYER_MAP[path[2:]]
-        return [f"model.layers.{i}.{name}" for i in range(num_layers)], n_in
-    name, n_in = _TOP_MAP[path]
-    return [name], n_in
-
-
-def _hf_shape(shape: tuple[int, ...], n_in: int | None) -> tuple[int, ...]:
-    if n_in is None:
-        return shape
-    if n_in == 0:
-        return (math.prod(shape),)
-    return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
-
-
-def to_ours(hf: np.ndarray, shape: tuple[int, ...], n_in: int | None) -> np.ndarray:
-    return hf.T.reshape(shape) if n_in else hf.reshape(shape)
-
-
-def to_hf(ours: np.ndarray, n_in: int | None) -> np.ndarray:
-    if n_in is None:
-        return ours
-    if n_in == 0:
-        return ours.reshape(-1)
-    return ours.reshape(math.prod(ours.shape[:n_in]), -1).T
 
 
 def abstract_params(cfg: ModelConfig, sharder: Sharder = Sharder()) -> Any:
@@ -150,11 +96,33 @@ class _TensorIndex:
         return os.path.join(self.hf_dir, self.where[name])
 
 
-def _leaf_specs(cfg: ModelConfig, abstract: Any) -> Iterator[tuple[tuple[str, ...], Any, list[str], int | None]]:
+def _leaf_specs(cfg: ModelConfig, abstract: Any) -> Iterator[tuple[tuple[str, ...], Any, LeafNames]]:
     flat = traverse_util.flatten_dict(abstract)
     for path, box in sorted(flat.items()):
-        names, n_in = _hf_names(path, cfg.num_layers)
-        yield path, box, names, n_in
+        yield path, box, leaf_names(cfg, path)
+
+
+def _refs(leaf: LeafNames, index: _TensorIndex) -> tuple[TensorRef, ...]:
+    """The leaf's per-slice tensors in the form this checkpoint holds them."""
+    held = all(n in index.where for n in leaf.names)
+    if leaf.fused and not held and all(ref_name(r) in index.where for r in leaf.fused):
+        return leaf.fused
+    return leaf.names
+
+
+def _ref_shape(ref: TensorRef, index: _TensorIndex) -> tuple[int, ...]:
+    if isinstance(ref, str):
+        return index.shape(ref)
+    name, _, start, end = ref
+    full = index.shape(name)
+    return (end - start, *full[2:]) if end <= full[1] else full
+
+
+def _read_ref(ref: TensorRef, index: _TensorIndex) -> np.ndarray:
+    if isinstance(ref, str):
+        return index[ref]
+    name, expert, start, end = ref
+    return index[name][expert, start:end]
 
 
 def load_pretrained(
@@ -171,16 +139,17 @@ def load_pretrained(
     hf_dir = os.fspath(hf_dir)
     cfg = read_hf_config(hf_dir, param_dtype=dtype, dtype=compute_dtype or dtype, **runtime)
     index = _TensorIndex(hf_dir)
-    abstract = abstract_params(cfg, sharder)
+    abstract = abstract_params(cfg.replace(lora_rank=0), sharder)
 
     expected: set[str] = set()
-    for path, box, names, n_in in _leaf_specs(cfg, abstract):
-        want = _hf_shape(box.value.shape[1:] if path[0] == "layers" else box.value.shape, n_in)
-        for name in names:
+    for _, box, leaf in _leaf_specs(cfg, abstract):
+        want = hf_shape(box.value.shape[leaf.stack :], leaf.n_in)
+        for ref in _refs(leaf, index):
+            name = ref_name(ref)
             expected.add(name)
             if name not in index.where:
                 continue
-            got = index.shape(name)
+            got = _ref_shape(ref, index)
             if got != want:
                 raise CheckpointFormatError(
                     f"{index.path(name)}: tensor {name!r} has shape {list(got)}, but config.json implies {list(want)}"
@@ -199,21 +168,27 @@ def load_pretrained(
     shardings = tree_shardings(abstract, sharder) if sharder.mesh is not None else None
     target = np.dtype(cfg.jnp_param_dtype)
     flat = {}
-    for path, box, names, n_in in _leaf_specs(cfg, abstract):
+    for path, box, leaf in _leaf_specs(cfg, abstract):
         shape = box.value.shape
-        stacked = path[0] == "layers"
         sharding = (
             traverse_util.flatten_dict(shardings)[path]
             if shardings is not None
             else SingleDeviceSharding(jax.devices()[0])
         )
 
-        def read(idx, names=names, n_in=n_in, shape=shape, stacked=stacked):
-            if not stacked:
-                return to_ours(index[names[0]], shape, n_in)[idx].astype(target)
-            layer_idx, rest = idx[0], idx[1:]
-            layers = range(*layer_idx.indices(shape[0]))
-            return np.stack([to_ours(index[names[i]], shape[1:], n_in)[rest].astype(target) for i in layers])
+        def read(idx, refs=_refs(leaf, index), leaf=leaf, shape=shape):
+            lead, rest = shape[: leaf.stack], idx[leaf.stack :]
+            ranges = [range(*idx[d].indices(lead[d])) for d in range(leaf.stack)]
+            parts = [
+                to_ours(
+                    _read_ref(refs[int(np.ravel_multi_index(at, lead)) if lead else 0], index),
+                    shape[leaf.stack :],
+                    leaf.n_in,
+                )[rest].astype(target)
+                for at in itertools.product(*ranges)
+            ]
+            out = np.stack(parts) if leaf.stack else parts[0]
+            return out.reshape(*(len(r) for r in ranges), *parts[0].shape)
 
         flat[path] = jax.make_array_from_callback(shape, sharding, read)
     return cfg, traverse_util.unflatten_dict(flat)
@@ -246,16 +221,18 @@ def save_pretrained(
     _check_on_process_0(out_dir, overwrite)
     target = np.dtype(dtype or cfg.param_dtype)
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))
-    entries: list[tuple[str, tuple[str, ...], int | None, int | None]] = []  # (hf name, path, layer, n_in)
+    # (hf name, path, index of the slice along the leaf's stacked dims, layout)
+    entries: list[tuple[str, tuple[str, ...], tuple[int, ...], int | None]] = []
     for path in sorted(flat):
-        names, n_in = _hf_names(path, cfg.num_layers)
-        for i, name in enumerate(names):
-            entries.append((name, path, i if path[0] == "layers" else None, n_in))
+        leaf = leaf_names(cfg, path)
+        lead = flat[path].shape[: leaf.stack]
+        for k, name in enumerate(leaf.names):
+            at = tuple(int(i) for i in np.unravel_index(k, lead)) if lead else ()
+            entries.append((ref_name(name), path, at, leaf.n_in))
 
     def nbytes(entry) -> int:
-        _, path, layer, _ = entry
-        shape = flat[path].shape[1:] if layer is not None else flat[path].shape
-        return math.prod(shape) * target.itemsize
+        _, path, at, _ = entry
+        return math.prod(flat[path].shape[len(at) :]) * target.itemsize
 
     shards: list[list] = [[]]
     size = 0
@@ -282,7 +259,7 @@ def save_pretrained(
                     if path not in cache:
                         cache.clear()  # keep one gathered leaf on the host at a time
                         cache[path] = _host(flat[path])
-                    value = cache[path] if layer is None else cache[path][layer]
+                    value = cache[path][layer]
                     yield name, to_hf(value, n_in).astype(target)
 
             total += safetensors_io.write(os.path.join(tmp, fname), tensors())

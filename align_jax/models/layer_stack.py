@@ -15,21 +15,30 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from align_jax.models.block import Block
 from align_jax.models.config import ModelConfig
-from align_jax.models.layers import Block
 from align_jax.sharding import Sharder
 
 
-def _scan(module_cls, length: int, unroll: int = 1, n_broadcast: int = 2):
+def _scan(module_cls, length: int, unroll: int = 1, with_cache_index: bool = False):
+    """Scans (carry, side, is_local[, cache_index]): `side` is broadcast, the per-layer flag scanned.
+    Sown "intermediates" (a MoE layer's aux loss) stack along the scan like the params."""
     return nn.scan(
         module_cls,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast,) * n_broadcast,
+        variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, 0) + ((nn.broadcast,) if with_cache_index else ()),
         length=length,
         unroll=min(unroll, length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+def local_layers(cfg: ModelConfig) -> list[bool]:
+    """Per layer: whether it is a sliding-window layer of a model whose layers differ (Gemma)."""
+    if not cfg.mixed_layers:
+        return [False] * cfg.num_layers
+    return [t == "sliding_attention" for t in cfg.layer_types]
 
 
 def remat_policy(name: str) -> Any:
@@ -58,13 +67,13 @@ class Unit(nn.Module):
     mode: str | None = None
 
     @nn.compact
-    def __call__(self, carry, positions_BT, mask_BTS, *cache_index):
+    def __call__(self, carry, side, is_local_K, *cache_index):
         cfg = self.cfg
         layer = Block
         if cfg.remat_policy != "none" and cfg.layers_per_unit > 1 and self.mode is None:
             layer = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
-        scan = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll, 2 + len(cache_index))
-        carry, _ = scan(cfg, self.sharder, self.mode, name="unit")(carry, positions_BT, mask_BTS, *cache_index)
+        scan = _scan(layer, cfg.layers_per_unit, cfg.scan_unroll, bool(cache_index))
+        carry, _ = scan(cfg, self.sharder, self.mode, name="unit")(carry, side, is_local_K, *cache_index)
         return carry, None
 
 
@@ -104,18 +113,19 @@ class LayerStack(nn.Module):
     mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache=None, cache_index=None):
+    def __call__(self, x_BTE, side, cache=None, cache_index=None):
         cfg = self.cfg
         unit = Unit
         if cfg.remat_policy != "none" and self.mode is None:  # nothing to rematerialise without a backward pass
             unit = nn.remat(Unit, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
         n_units = cfg.num_layers // cfg.layers_per_unit
         extra = () if cache is None else (cache_index,)
-        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit), 2 + len(extra))
+        stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit), bool(extra))
         trans_in, trans_out = _layers_to_units(cfg)
         stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
         carry = x_BTE if cache is None else (x_BTE, {**cache, "layer": jnp.zeros((), jnp.int32)})
-        carry, _ = stack(cfg, self.sharder, self.mode, name="stack")(carry, positions_BT, mask_BTS, *extra)
+        flags = jnp.asarray(local_layers(cfg)).reshape(n_units, cfg.layers_per_unit)
+        carry, _ = stack(cfg, self.sharder, self.mode, name="stack")(carry, side, flags, *extra)
         if cache is None:
             return carry
         x_BTE, cache = carry
@@ -134,11 +144,11 @@ class LayerList(nn.Module):
     mode: str
 
     @nn.compact
-    def __call__(self, x_BTE, positions_BT, mask_BTS, cache, cache_index):
+    def __call__(self, x_BTE, side, cache, cache_index):
         carry = (x_BTE, {"k": cache["k"], "v": cache["v"], "layer": 0})
-        for i in range(self.cfg.num_layers):
+        for i, is_local in enumerate(local_layers(self.cfg)):
             block = Block(self.cfg, self.sharder, self.mode, name=f"layer_{i}")
-            carry, _ = block(carry, positions_BT, mask_BTS, cache_index)
+            carry, _ = block(carry, side, is_local, cache_index)
         x_BTE, cache = carry
         return x_BTE, {"k": cache["k"], "v": cache["v"]}
 

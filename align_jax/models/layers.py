@@ -1,17 +1,21 @@
-"""The decoder's building blocks, up to one decoder layer (`Block`).
+"""The decoder's building blocks below one decoder layer.
 
 Leaf modules declare their own params with logical axis names (RMSNorm, Linear, LinearWeights,
-Embedding, LmHead); Attention and Mlp compose them; Block is one pre-norm layer (attention, then the
-SwiGLU MLP, each on the residual stream). The layer stack that scans Blocks lives in layer_stack.py and
-the model around it in transformer.py.
+Embedding, LmHead); Attention and Mlp compose them. One layer (`Block`) is in block.py, the layer stack
+that scans Blocks in layer_stack.py and the model around it in transformer.py.
 
-With a KV cache (`mode` "prefill" or "decode"), Attention and Block also carry the cache: see
-transformer.py's module docstring for how it rides in the layer scan.
+Projections named in `cfg.lora_targets` carry a LoRA adapter when `cfg.lora_rank` > 0 (`lora_params`,
+`lora_delta`), and a frozen kernel may be stored quantised (`dense_kernel`): the same modules run full
+fine-tuning, LoRA and QLoRA.
+
+With a KV cache (`mode` "prefill" or "decode"), Attention also carries the cache: see transformer.py's
+module docstring for how it rides in the layer scan.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,15 +46,66 @@ def _bcast(b: jax.Array, ndim: int) -> jax.Array:
 
 
 class RMSNorm(nn.Module):
+    """Llama's RMSNorm (normalise in float32, cast, then scale), or with `cfg.norm_plus_one` Gemma's
+    (scale by 1 + w in float32, then cast; the weights are stored around 0)."""
+
     cfg: ModelConfig
+    axis_name: str = "embed"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = _param(self, "scale", (x.shape[-1],), ("embed",), nn.initializers.ones)
+        cfg = self.cfg
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale = _param(self, "scale", (x.shape[-1],), (self.axis_name,), init)
         xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-        dtype = self.cfg.jnp_dtype
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        dtype = cfg.jnp_dtype
+        if cfg.norm_plus_one:
+            return (y * _bcast(1.0 + scale.astype(jnp.float32), x.ndim)).astype(dtype)
         return _bcast(scale.astype(dtype), x.ndim) * y.astype(dtype)
+
+
+def dense_kernel(w: Any, dtype: jnp.dtype) -> jax.Array:
+    """A kernel in the compute dtype. A quantised frozen kernel (QLoRA's NF4 blocks, align_jax.models.nf4)
+    is stored as a pytree with a `dequantize(dtype)` method and expands here, one layer at a time."""
+    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+
+
+def _lora_init(fan_in: int):
+    # PEFT's default for A (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    limit = fan_in**-0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+    return init
+
+
+def lora_params(
+    module: nn.Module, shape: tuple[int, ...], axes: tuple[str, ...], n_in: int
+) -> tuple[jax.Array, jax.Array] | None:
+    """The adapter (lora_a [in..., r], lora_b [r, out...]) of a projection named in cfg.lora_targets.
+    B starts at zero, so an adapted model equals its base until the first update."""
+    cfg: ModelConfig = module.cfg
+    if not cfg.lora_rank or module.name not in cfg.lora_targets:
+        return None
+    r, fan_in = cfg.lora_rank, math.prod(shape[:n_in])
+    a = _param(module, "lora_a", (*shape[:n_in], r), (*axes[:n_in], None), _lora_init(fan_in))
+    b = _param(module, "lora_b", (r, *shape[n_in:]), (None, *axes[n_in:]), nn.initializers.zeros)
+    return a, b
+
+
+def lora_delta(module: nn.Module, x: jax.Array, adapter: tuple[jax.Array, jax.Array], n_in: int) -> jax.Array:
+    """(alpha / r) * dropout(x) A B: x's last n_in axes contract with A's leading ones. Never merged into
+    the kernel, so the frozen base (possibly quantised) is read as it is and no [in, out] delta exists."""
+    cfg: ModelConfig = module.cfg
+    a, b = adapter
+    dtype = cfg.jnp_dtype
+    if cfg.lora_dropout and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0).astype(x.dtype)
+    xa = jnp.tensordot(x, a.astype(dtype), axes=n_in)
+    return jnp.tensordot(xa, b.astype(dtype), axes=1) * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dtype)
 
 
 class Linear(nn.Module):
@@ -67,15 +122,25 @@ class Linear(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = self.cfg.jnp_dtype
         w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
-        y = jnp.einsum(self.equation, x, w.astype(dtype))
+        y = jnp.einsum(self.equation, x, dense_kernel(w, dtype))
         if self.use_bias:
             b = _param(self, "bias", self.shape[self.n_in :], self.axes[self.n_in :], nn.initializers.zeros)
             y = y + _bcast(b.astype(dtype), y.ndim)
+        adapter = lora_params(self, self.shape, self.axes, self.n_in)
+        if adapter is not None:
+            y = y + lora_delta(self, x, adapter, self.n_in)
         return y
 
 
+class Weights(NamedTuple):
+    kernel: Any
+    bias: jax.Array | None
+    lora: tuple[jax.Array, jax.Array] | None
+
+
 class LinearWeights(nn.Module):
-    """A `Linear`'s kernel and bias (None without one), declared but not applied."""
+    """A `Linear`'s kernel, bias (None without one) and LoRA adapter (None without one), declared but not
+    applied (the MLP applies gate and up as one einsum)."""
 
     cfg: ModelConfig
     shape: tuple[int, ...]
@@ -83,10 +148,10 @@ class LinearWeights(nn.Module):
     use_bias: bool = False
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+    def __call__(self) -> Weights:
         w = _param(self, "kernel", self.shape, self.axes, _normal(self.cfg))
         b = _param(self, "bias", self.shape[1:], self.axes[1:], nn.initializers.zeros) if self.use_bias else None
-        return w, b
+        return Weights(w, b, lora_params(self, self.shape, self.axes, 1))
 
 
 class Embedding(nn.Module):
@@ -112,19 +177,42 @@ def constrain_cache(sharder: Sharder, cache: Any) -> Any:
     return jax.tree.map(lambda c: sharder.constrain(c, CACHE_NAMES[-c.ndim :]), cache)
 
 
+def rope_frequencies(cfg: ModelConfig, is_local: Any) -> jax.Array:
+    """Inverse RoPE frequencies of a layer: Gemma 3's sliding layers rotate with their own base and no
+    scaling; `is_local` is the layer's flag (traced inside the layer scan, a bool in the layer list)."""
+    full = inv_frequencies(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+    if not cfg.mixed_layers or cfg.rope_local_theta is None:
+        return jnp.asarray(full)
+    local = inv_frequencies(cfg.head_size, cfg.rope_local_theta, None)
+    return jnp.where(is_local, jnp.asarray(local), jnp.asarray(full))
+
+
+def layer_mask(cfg: ModelConfig, side: dict[str, Any], is_local: Any) -> jax.Array:
+    """The layer's [B, T, S] mask: with mixed layers (Gemma) the sliding-window or the full one."""
+    if not cfg.mixed_layers:
+        return side["mask"]
+    if isinstance(is_local, bool):
+        return side["local_mask"] if is_local else side["mask"]
+    return jnp.where(is_local, side["local_mask"], side["mask"])
+
+
 class Attention(nn.Module):
     """Without a cache: the training forward. With one (`mode` set) it also returns the cache with this
     layer's keys/values written: "prefill" attends exactly as training does (over the new tokens) and
-    writes slots [0, T); "decode" writes slots [cache_index, cache_index + T) and attends over the cache."""
+    writes slots [0, T); "decode" writes slots [cache_index, cache_index + T) and attends over the cache.
+
+    `side` holds what every layer shares: positions [B, T], the mask [B, T, S] (and the sliding-window
+    one, `local_mask`, when layers differ); `is_local` says which this layer uses."""
 
     cfg: ModelConfig
     sharder: Sharder
     mode: str | None = None
 
     @nn.compact
-    def __call__(self, x_BTE: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array, cache=None, cache_index=None):
+    def __call__(self, x_BTE: jax.Array, side: dict[str, Any], is_local: Any = False, cache=None, cache_index=None):
         cfg = self.cfg
         e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        positions_BT, mask_BTS = side["positions"], layer_mask(cfg, side, is_local)
 
         def proj(name: str, heads: int, heads_axis: str) -> jax.Array:
             shape, axes = (e, heads, h), ("embed", heads_axis, "head_dim")
@@ -133,12 +221,16 @@ class Attention(nn.Module):
         q = checkpoint_name(proj("q_proj", n, "heads"), "query_proj")
         kk = checkpoint_name(proj("k_proj", k, "kv_heads"), "key_proj")
         v = checkpoint_name(proj("v_proj", k, "kv_heads"), "value_proj")
-        inv_freq = inv_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: per-head RMSNorm of queries and keys, before RoPE
+            q = RMSNorm(cfg, "head_dim", name="q_norm")(q)
+            kk = RMSNorm(cfg, "head_dim", name="k_norm")(kk)
+        inv_freq = rope_frequencies(cfg, is_local)
         q = apply_rope(q, positions_BT, inv_freq)
         kk = apply_rope(kk, positions_BT, inv_freq)
         q = self.sharder.constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
         kk = self.sharder.constrain(kk, ("activation_batch", "activation_length", "activation_kv_heads", None))
         v = self.sharder.constrain(v, ("activation_batch", "activation_length", "activation_kv_heads", None))
+        scale = (cfg.query_pre_attn_scalar or h) ** -0.5
 
         if cache is not None:
             layer = cache["layer"]
@@ -147,10 +239,18 @@ class Attention(nn.Module):
             v_cache = constrain_cache(self.sharder, write_cache(cache["v"], v, layer, index))
             cache = {"k": k_cache, "v": v_cache, "layer": layer}
         if self.mode == "decode":
-            ctx = cached_attention(q, k_cache[layer], v_cache[layer], mask_BTS, h**-0.5)
+            ctx = cached_attention(q, k_cache[layer], v_cache[layer], mask_BTS, scale, cfg.attn_softcap)
         else:
             ctx = attention(
-                q, kk, v, mask_BTS, impl=cfg.attention_impl, aligned=True, sliding_window=cfg.sliding_window
+                q,
+                kk,
+                v,
+                mask_BTS,
+                impl=cfg.attention_impl,
+                aligned=True,
+                sliding_window=cfg.uniform_window,
+                scale=scale,
+                softcap=cfg.attn_softcap,
             )
         ctx = checkpoint_name(ctx, "attn_context")
         o_proj = Linear(
@@ -160,10 +260,14 @@ class Attention(nn.Module):
         return out if cache is None else (out, cache)
 
 
+def activation(cfg: ModelConfig, gate: jax.Array) -> jax.Array:
+    return nn.silu(gate) if cfg.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+
+
 class Mlp(nn.Module):
-    """SwiGLU. Training and prefill run gate and up as one einsum over the two kernels stacked
-    [E, 2, F] (one matmul and one weight-gradient transpose instead of two: the MLP's fwd+bwd is ~20%
-    faster on CPU; the stacked axis is unsharded and F keeps its sharding, so nothing moves between
+    """SwiGLU (or Gemma's GeGLU). Training and prefill run gate and up as one einsum over the two kernels
+    stacked [E, 2, F] (one matmul and one weight-gradient transpose instead of two: the MLP's fwd+bwd is
+    ~20% faster on CPU; the stacked axis is unsharded and F keeps its sharding, so nothing moves between
     devices). Decoding keeps two einsums: stacking would copy both kernels on every step of a
     memory-bound loop. Checkpoints keep HF's separate gate_proj / up_proj leaves either way."""
 
@@ -181,41 +285,19 @@ class Mlp(nn.Module):
             LinearWeights(cfg, (e, f), ("embed", "mlp"), cfg.mlp_bias, name=name)() for name in ("gate_proj", "up_proj")
         ]
         if self.fuse_gate_up:
-            w_E2F = jnp.stack([w for w, _ in weights], axis=1).astype(dtype)
+            w_E2F = jnp.stack([dense_kernel(w.kernel, dtype) for w in weights], axis=1)
             h_BT2F = jnp.einsum("bte,ecf->btcf", x_BTE, w_E2F)
             if cfg.mlp_bias:
-                h_BT2F = h_BT2F + _bcast(jnp.stack([b for _, b in weights]).astype(dtype), 4)
+                h_BT2F = h_BT2F + _bcast(jnp.stack([w.bias for w in weights]).astype(dtype), 4)
             gate, up = h_BT2F[:, :, 0], h_BT2F[:, :, 1]
         else:
-            gate, up = (jnp.einsum("bte,ef->btf", x_BTE, w.astype(dtype)) for w, _ in weights)
+            gate, up = (jnp.einsum("bte,ef->btf", x_BTE, dense_kernel(w.kernel, dtype)) for w in weights)
             if cfg.mlp_bias:
-                gate, up = (y + _bcast(b.astype(dtype), 3) for y, (_, b) in zip((gate, up), weights, strict=True))
-        hidden = self.sharder.constrain(nn.silu(gate) * up, mlp_names)
+                gate, up = (y + _bcast(w.bias.astype(dtype), 3) for y, w in zip((gate, up), weights, strict=True))
+        if weights[0].lora is not None:
+            gate = gate + lora_delta(self, x_BTE, weights[0].lora, 1)
+        if weights[1].lora is not None:
+            up = up + lora_delta(self, x_BTE, weights[1].lora, 1)
+        hidden = self.sharder.constrain(activation(cfg, gate) * up, mlp_names)
         down = Linear(cfg, (f, e), ("mlp", "embed"), "btf,fe->bte", use_bias=cfg.mlp_bias, name="down_proj")
         return checkpoint_name(down(hidden), "mlp_out")
-
-
-class Block(nn.Module):
-    """One decoder layer, with the (carry, broadcast inputs) -> (carry, None) signature of nn.scan.
-
-    The carry is the residual stream; with a cache (`mode` set) it is (stream, cache), and the cache's
-    "layer" counter advances by one per Block."""
-
-    cfg: ModelConfig
-    sharder: Sharder
-    mode: str | None = None
-
-    @nn.compact
-    def __call__(self, carry, positions_BT, mask_BTS, cache_index=None):
-        x_BTE, cache = (carry, None) if self.mode is None else carry
-        h = RMSNorm(self.cfg, name="input_norm")(x_BTE)
-        attn = Attention(self.cfg, self.sharder, self.mode, name="attn")
-        if cache is None:
-            x_BTE = x_BTE + attn(h, positions_BT, mask_BTS)
-        else:
-            out, cache = attn(h, positions_BT, mask_BTS, cache, cache_index)
-            x_BTE, cache = x_BTE + out, {**cache, "layer": cache["layer"] + 1}
-        h = RMSNorm(self.cfg, name="post_attn_norm")(x_BTE)
-        x_BTE = x_BTE + Mlp(self.cfg, self.sharder, fuse_gate_up=self.mode != "decode", name="mlp")(h)
-        x_BTE = self.sharder.constrain(x_BTE, BTE)
-        return (x_BTE if cache is None else (x_BTE, cache)), None

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from align_jax.models.attention import make_mask
+from align_jax.models.attention import make_mask, soft_cap
+from align_jax.models.block import Block as Block
 from align_jax.models.config import ModelConfig
 
 # The building blocks and the layer stack live in their own modules; the names stay importable from here
@@ -44,7 +45,6 @@ from align_jax.models.layer_stack import unstack_layers as unstack_layers
 from align_jax.models.layers import BTE as BTE
 from align_jax.models.layers import CACHE_NAMES as CACHE_NAMES
 from align_jax.models.layers import Attention as Attention
-from align_jax.models.layers import Block as Block
 from align_jax.models.layers import Embedding as Embedding
 from align_jax.models.layers import Linear as Linear
 from align_jax.models.layers import LinearWeights as LinearWeights
@@ -83,6 +83,8 @@ class Decoder(nn.Module):
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
         embedding = Embedding(cfg, name="embed")()
         x = jnp.take(embedding, tokens_BT, axis=0).astype(dtype)
+        if cfg.embed_scale:  # Gemma; the factor is rounded to the compute dtype first, as in transformers
+            x = x * jnp.asarray(cfg.hidden_size**0.5, dtype)
         # A zero a caller can differentiate against (tests read d logits / d inputs through it);
         # without a 'perturbations' collection in apply() it is the identity.
         x = self.perturb("embedded", x)
@@ -90,27 +92,33 @@ class Decoder(nn.Module):
 
         index_BT = jnp.broadcast_to(jnp.arange(tokens_BT.shape[1], dtype=jnp.int32)[None, :], tokens_BT.shape)
         if cache is None or cache_index is None:
-            mask_BTS = make_mask(segment_ids_BT, segment_ids_BT, index_BT, index_BT, cfg.sliding_window)
+            kv_seg_BS, q_index_BT, kv_index_BS = segment_ids_BT, index_BT, index_BT
         else:
-            kv_index_BS = jnp.broadcast_to(
-                jnp.arange(kv_segment_ids_BS.shape[1], dtype=jnp.int32)[None, :], kv_segment_ids_BS.shape
-            )
-            mask_BTS = make_mask(
-                segment_ids_BT, kv_segment_ids_BS, index_BT + cache_index, kv_index_BS, cfg.sliding_window
-            )
+            kv_seg_BS, q_index_BT = kv_segment_ids_BS, index_BT + cache_index
+            kv_index_BS = jnp.broadcast_to(jnp.arange(kv_seg_BS.shape[1], dtype=jnp.int32)[None, :], kv_seg_BS.shape)
+        # What every layer shares. Gemma's layers alternate between two masks, so both are built once.
+        side = {
+            "positions": positions_BT,
+            "mask": make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.uniform_window),
+            "local_mask": None,
+            "token_mask": segment_ids_BT > 0 if cfg.num_experts else None,
+        }
+        if cfg.mixed_layers:
+            side["local_mask"] = make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.sliding_window)
         if cache is None:
-            x = LayerStack(cfg, self.sharder, name="layers")(x, positions_BT, mask_BTS)
+            x = LayerStack(cfg, self.sharder, name="layers")(x, side)
         else:
             mode = "prefill" if cache_index is None else "decode"
             index = jnp.zeros((), jnp.int32) if cache_index is None else cache_index
             layers = (LayerList if self.unstacked else LayerStack)(cfg, self.sharder, mode, name="layers")
-            x, cache = layers(x, positions_BT, mask_BTS, cache, index)
+            x, cache = layers(x, side, cache, index)
             x = x[:, -1:]  # sampling needs the last position only
         x = RMSNorm(cfg, name="final_norm")(x)
         if return_hidden:
             return x if cache is None else (x, cache)
         w_EV = embedding.T if cfg.tie_word_embeddings else LmHead(cfg, name="lm_head")()
         logits = jnp.einsum("bte,ev->btv", x, w_EV.astype(dtype), preferred_element_type=jnp.float32)
+        logits = soft_cap(logits, cfg.final_softcap)
         logits = self.sharder.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits if cache is None else (logits, cache)
 

@@ -21,8 +21,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from align_jax import checkpoint
 from align_jax.config.sections import mesh_shape
 from align_jax.errors import NotFoundError
-from align_jax.models.config import RUNTIME_FIELDS, ModelConfig, to_hf_dict
+from align_jax.models.config import RUNTIME_FIELDS, ModelConfig
 from align_jax.models.hf import abstract_params
+from align_jax.models.hf_config import to_hf_dict
 from align_jax.models.transformer import boxed_init
 from align_jax.sharding import Sharder, batch_sharding, make_mesh, normalize_rules, tree_shardings
 from align_jax.stages.spec import Context, ParamsInit

@@ -26,7 +26,7 @@ from align_jax.losses.dpo import Objective, preference_loss
 from align_jax.losses.pairs import sequence_logps
 from align_jax.metrics import flops_per_token
 from align_jax.models.apply import apply_fn
-from align_jax.models.config import to_hf_dict
+from align_jax.models.hf_config import to_hf_dict
 from align_jax.models.transformer import Decoder
 from align_jax.stages import build, runner
 from align_jax.stages.pairs import PairData, pair_data

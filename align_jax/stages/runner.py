@@ -19,6 +19,7 @@ from align_jax.config import validate
 from align_jax.data import pipeline
 from align_jax.data.prefetch import Prefetcher
 from align_jax.data.sources import check_local_files
+from align_jax.losses.router_aux import with_router_aux
 from align_jax.metrics import MetricsWriter
 from align_jax.stages import build
 from align_jax.stages.spec import Context, StageSpec
@@ -44,6 +45,8 @@ class Run:
         if spec.params.reference:
             self.state_shardings = self.state_shardings.replace(frozen=self._part(self.setup.param_shardings))
         self.batch_shardings = spec.batch.shardings(self.sharder)
+        if self.model_cfg.num_experts:  # routed experts: their load-balancing loss joins every stage's loss
+            spec.loss_fn = with_router_aux(spec.loss_fn, self.model_cfg.router_aux_loss_coef)
         self.step_fn = make_train_step(
             spec.loss_fn,
             self.setup.optimizer,

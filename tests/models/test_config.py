@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 import align_jax as aj
-from align_jax.models.config import from_hf_dict, to_hf_dict
+from align_jax.models.hf_config import from_hf_dict, to_hf_dict
 from tests import hf_models
 
 
@@ -69,7 +69,9 @@ def test_validation(changes, message):
 
 def test_missing_field_names_it():
     with pytest.raises(aj.ConfigError, match="required field 'intermediate_size' is missing"):
-        from_hf_dict({"model_type": "llama", "vocab_size": 3, "hidden_size": 8, "num_attention_heads": 2})
+        from_hf_dict(
+            {"model_type": "llama", "vocab_size": 3, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 1}
+        )
 
 
 @pytest.mark.parametrize(
