@@ -20,11 +20,12 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+# `expert` holds a mixture-of-experts model's experts (the rule below); elsewhere it is one more batch axis.
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert")
 
 # One rule per logical name. A value is a mesh axis, a tuple of mesh axes, or None (replicated).
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", ("data", "fsdp")),
+    ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", "sequence"),
     ("activation_embed", None),
     ("activation_heads", "tensor"),
@@ -38,6 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("layers", None),
+    ("expert", "expert"),
 )
 
 Rules = tuple[tuple[str, Any], ...]

@@ -67,7 +67,7 @@ def test_batch_that_the_mesh_cannot_split_fails_early():
     config = load_preset("sft", "tiny")  # mesh data=-1: all 8 test devices on the batch
     config.unlock()
     config.data.batch_size = 12
-    with pytest.raises(ValueError, match=r"12 rows each, which the batch axes \('data', 'fsdp'\) \(8 devices"):
+    with pytest.raises(ValueError, match=r"12 rows each, which the batch axes \('data', 'fsdp', 'expert'\) \(8 devices"):
         make_sharder(config)
     config.data.batch_size, config.train.microbatches = 16, 2
     assert make_sharder(config).mesh.shape["data"] == 8

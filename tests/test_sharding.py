@@ -83,7 +83,8 @@ def test_spec_resolution_is_shape_aware():
 
 
 def test_mesh_and_rule_errors():
-    assert dict(make_mesh({"fsdp": -1, "tensor": 2}).shape) == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}
+    shape = dict(make_mesh({"fsdp": -1, "tensor": 2}).shape)
+    assert shape == {"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1, "expert": 1}
     assert make_mesh(None).shape["data"] == 8
     with pytest.raises(ShardingError, match="needs 6 devices, but there are 8"):
         make_mesh({"data": 2, "tensor": 3})
