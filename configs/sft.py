@@ -30,6 +30,22 @@ Presets:
              = 1.3e16 FLOP/step; at 40% MFU on 8 x 989 TFLOP/s, ~4 s/step.
   qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b: ~1.2e16 FLOP/step, ~3.8 s/step at
              40% MFU (estimate).
+  qwen3_8b   Qwen3-8B from an HF directory (--config.init_from=/path/to/Qwen3-8B; 8.19B params, q/k norms).
+             Same hardware and layout as llama3_8b: fp32 params + grads + AdamW states are 122 GiB in
+             all, 15.3 GiB per chip over fsdp=8, the rest of 80 GB (H100) / 95 GB (v5p) for bf16
+             activations of 16 x 4096-token microbatches under full remat. ~1.3e16 FLOP/step (estimate).
+  gemma3_12b Gemma-3-12B's text model (11.8B params, 262k vocabulary, tied embeddings; 5 local : 1 global
+             layers). init_from must be a Gemma3ForCausalLM directory (model_type gemma3_text): the hub's
+             google/gemma-3-12b-it is the multimodal Gemma3ForConditionalGeneration, which align_jax
+             refuses with that advice. 8x H100 or v5p-8, fsdp=8: 175 GiB of fp32 state, 21.9 GiB per
+             chip; 8 microbatches of 8 x 4096 tokens and 512-position loss chunks (a 262k-vocab fp32
+             logits chunk of 8 x 512 is 4.3 GB). Gemma's chat template has no system role: Gemma 3's
+             folds a system message into the first user turn (Gemma 2's rejects it as a bad row).
+  qwen3_30b_a3b  Qwen3-30B-A3B, the mixture of experts (30.5B params, 3.35B active: 128 experts, 8 per
+             token). 16 chips (2 x 8 H100 or v5p-16): mesh fsdp=4 x expert=4, so each chip holds 1/16 of
+             the experts; 455 GiB of fp32 state, 28.4 GiB per chip. The router's load-balancing loss
+             (weight router_aux_loss_coef from config.json, 0.001) is logged as router_aux_loss.
+             FLOPs follow the active parameters: ~6 x 3.35e9 x 262k tokens = 5.3e15 per step.
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128: mesh fsdp=16 x tensor=4 (x data for the
              rest), seq_len 4096, 128 rows/step in 8 microbatches, remat one unit per 2 layers.
              Estimate: 6 x 70.6e9 params x 524k tokens + attention = 2.3e17 FLOP/step; ~9 s/step at
@@ -109,6 +125,24 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
         c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
         c.data.eval_batches = 20
+    elif arg in ("qwen3_8b", "gemma3_12b"):
+        c.mesh.update(data=1, fsdp=-1)
+        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
+        c.data.update(seq_len=4096, batch_size=64)
+        c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
+        c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
+        c.data.eval_batches = 20
+        if arg == "gemma3_12b":  # 262k vocabulary: smaller loss chunks keep the logits chunk at 1 GB
+            c.train.loss_chunk = 512
+            c.train.microbatches = 8
+    elif arg == "qwen3_30b_a3b":
+        # Experts on `expert` (4-way) and fsdp (4-way): each chip holds 1/16 of every expert's weights.
+        c.mesh.update(data=-1, fsdp=4, expert=4)
+        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
+        c.data.update(seq_len=4096, batch_size=64)
+        c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
+        c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
+        c.data.eval_batches = 20
     elif arg == "llama3_70b":
         c.mesh.update(data=-1, fsdp=16, tensor=4)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=2)
@@ -118,7 +152,8 @@ def get_config(arg: str = "tiny"):
         c.data.eval_batches = 20
     else:
         raise ValueError(
-            f"configs/sft.py: unknown preset {arg!r}; presets: tiny, calculator_tiny, small30m, llama1b, llama3_8b, qwen2_7b, llama3_70b"
+            f"configs/sft.py: unknown preset {arg!r}; presets: tiny, calculator_tiny, small30m, llama1b, llama3_8b, "
+            "qwen2_7b, qwen3_8b, gemma3_12b, qwen3_30b_a3b, llama3_70b"
         )
     c.lock()
     return c

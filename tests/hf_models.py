@@ -44,6 +44,14 @@ TINY = {
             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         ),
     ),
+    # Routed experts: 4 experts, 2 per token; Qwen3-MoE without renormalising the top-k probabilities.
+    "qwen3_moe": dict(
+        cls=transformers.Qwen3MoeConfig,
+        kw=dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False),
+    ),
+    "mixtral": dict(
+        cls=transformers.MixtralConfig, kw=dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=40)
+    ),
     # Gemma 3 adds q/k norms and a RoPE base (and scaling) per layer type.
     "gemma3": dict(
         cls=transformers.Gemma3TextConfig,
@@ -79,11 +87,14 @@ def build(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedMod
     config = spec["cls"](**{**COMMON, **spec["kw"], **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    # Random init leaves norms at 1 and biases at 0; perturb them so the test sees their mapping.
+    # Random init leaves norms at 1 and biases at 0 (and Qwen3-MoE's router at 0, its experts uninitialised);
+    # perturb / fill them so the test sees their mapping.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif ".experts." in name or name.endswith("mlp.gate.weight"):
+                p.copy_(0.02 * torch.randn_like(p) * (10.0 if name.endswith("gate.weight") else 1.0))
     return model.float().eval()
 
 

@@ -42,7 +42,17 @@ def test_preset_builds_and_validates(stage, preset):
 
 
 def test_sft_has_its_presets():
-    assert set(presets("sft")) >= {"tiny", "small30m", "llama1b", "llama3_8b", "qwen2_7b", "llama3_70b"}
+    assert set(presets("sft")) >= {
+        "tiny",
+        "small30m",
+        "llama1b",
+        "llama3_8b",
+        "qwen2_7b",
+        "llama3_70b",
+        "qwen3_8b",
+        "gemma3_12b",
+        "qwen3_30b_a3b",
+    }
 
 
 def test_unknown_key_and_bad_value_fail_early():
@@ -67,7 +77,9 @@ def test_batch_that_the_mesh_cannot_split_fails_early():
     config = load_preset("sft", "tiny")  # mesh data=-1: all 8 test devices on the batch
     config.unlock()
     config.data.batch_size = 12
-    with pytest.raises(ValueError, match=r"12 rows each, which the batch axes \('data', 'fsdp', 'expert'\) \(8 devices"):
+    with pytest.raises(
+        ValueError, match=r"12 rows each, which the batch axes \('data', 'fsdp', 'expert'\) \(8 devices"
+    ):
         make_sharder(config)
     config.data.batch_size, config.train.microbatches = 16, 2
     assert make_sharder(config).mesh.shape["data"] == 8

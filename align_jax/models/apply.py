@@ -5,7 +5,8 @@ this signature (a decoder, a scalar head, a test's stand-in) can feed.
 
 Mixture-of-experts decoders also produce a load-balancing loss, which the loss formulas do not know
 about: `router_aux_scope(params)` (used by `losses.router_aux.with_router_aux`) opens a scope in which
-every forward of exactly those params records the mean over layers of the sown per-layer losses.
+every forward of exactly those params (or a part of them: the RM's decoder) records the mean over
+layers of the sown per-layer losses.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ ApplyFn = Callable[..., jax.Array]
 class _AuxRecord:
     def __init__(self, params: Any):
         self.params, self.values = params, []
+
+    def owns(self, params: Any) -> bool:
+        """`params` is the trained tree or one of its parts (the RM's "decoder", PPO's "policy")."""
+        if params is self.params:
+            return True
+        return isinstance(self.params, dict) and any(params is part for part in self.params.values())
 
     def mean(self) -> jax.Array:
         return sum(self.values) / len(self.values) if self.values else jnp.zeros((), jnp.float32)
@@ -64,7 +71,7 @@ def apply_fn(module: nn.Module) -> ApplyFn:
         params: Any, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array, *, rngs=None, **kwargs
     ) -> jax.Array:
         record = _SCOPE.get()
-        if routed and record is not None and params is record.params:
+        if routed and record is not None and record.owns(params):
             out, state = module.apply(
                 {"params": params}, tokens, positions, segment_ids, rngs=rngs, mutable=["intermediates"], **kwargs
             )

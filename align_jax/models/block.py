@@ -18,6 +18,7 @@ from flax import linen as nn
 
 from align_jax.models.config import ModelConfig
 from align_jax.models.layers import BTE, Attention, Mlp, RMSNorm
+from align_jax.models.moe import MoeMlp
 from align_jax.sharding import Sharder
 
 
@@ -42,8 +43,6 @@ class Block(nn.Module):
         x_BTE = x_BTE + out
         h = RMSNorm(cfg, name="post_attn_norm")(x_BTE)
         if cfg.num_experts:
-            from align_jax.models.moe import MoeMlp
-
             out, aux = MoeMlp(cfg, self.sharder, name="mlp")(h, side["token_mask"])
             self.sow("intermediates", "router_aux_loss", aux)
         else:
