@@ -122,7 +122,11 @@ class LayerStack(nn.Module):
         extra = () if cache is None else (cache_index,)
         stack = _scan(unit, n_units, max(1, cfg.scan_unroll // cfg.layers_per_unit), bool(extra))
         trans_in, trans_out = _layers_to_units(cfg)
-        stack = nn.map_variables(stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=True, mutable=True)
+        # init only while initialising: flax's init path runs the stack on the unmapped params whenever any
+        # collection is mutable, which an apply that collects "intermediates" (MoE losses) also makes true.
+        stack = nn.map_variables(
+            stack, "params", trans_in_fn=trans_in, trans_out_fn=trans_out, init=self.is_initializing(), mutable=True
+        )
         carry = x_BTE if cache is None else (x_BTE, {**cache, "layer": jnp.zeros((), jnp.int32)})
         flags = jnp.asarray(local_layers(cfg)).reshape(n_units, cfg.layers_per_unit)
         carry, _ = stack(cfg, self.sharder, self.mode, name="stack")(carry, side, flags, *extra)
