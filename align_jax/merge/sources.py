@@ -57,6 +57,11 @@ class WorkdirSource(Source):
             raise ValueError(f"{path}: a reward model (stage {stage!r}: decoder + scalar head); merge causal LMs only")
         if "hf_model_config" not in saved:
             raise ValueError(f"{path}: its saved config has no 'hf_model_config'")
+        if saved.get("lora"):  # leaves are read one by one from the checkpoint, which holds adapters only
+            raise ValueError(
+                f"{path}: a LoRA run, whose checkpoints hold its adapters only; export it merged "
+                "(launch/export.py --lora merged) and merge that directory"
+            )
         runtime = {k: v for k, v in saved.get("runtime", {}).items() if k in RUNTIME_FIELDS}
         self.cfg = from_hf_dict(saved["hf_model_config"], where=f"{path} (saved config)", **runtime)
         self.prefix = ("params", key) if key else ("params",)
@@ -102,24 +107,9 @@ class HFSource(Source):
     def __init__(self, path: str):
         self.path = path
         self.cfg = read_hf_config(path)
-        self.index = hf._TensorIndex(path)
 
     def read(self, leaf: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
-        names, n_in = hf._hf_names(leaf, self.cfg.num_layers)
-        stacked = leaf[:2] == ("layers", "stack")
-        one_shape = shape[1:] if stacked else shape
-        want = hf._hf_shape(one_shape, n_in)
-        parts = []
-        for name in names:
-            if name not in self.index.where:
-                raise hf.CheckpointFormatError(f"{self.path}: no tensor {name!r} (for our {'/'.join(leaf)})")
-            got = self.index.shape(name)
-            if got != want:
-                raise hf.CheckpointFormatError(
-                    f"{self.index.path(name)}: tensor {name!r} has shape {list(got)}, config.json implies {list(want)}"
-                )
-            parts.append(hf.to_ours(self.index[name], one_shape, n_in))
-        return np.stack(parts) if stacked else np.array(parts[0])
+        return hf.read_leaf(self.cfg, self.path, leaf, shape)
 
     def tokenizer_dir(self) -> str | None:
         return self.path if any(os.path.isfile(os.path.join(self.path, f)) for f in HF_TOKENIZER_FILES) else None

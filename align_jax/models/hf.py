@@ -125,6 +125,41 @@ def _read_ref(ref: TensorRef, index: _TensorIndex) -> np.ndarray:
     return index[name][expert, start:end]
 
 
+def _read_slice(index: _TensorIndex, leaf: LeafNames, shape: tuple[int, ...], idx: tuple, target) -> np.ndarray:
+    """Our leaf's slice `idx` (a tuple of slices, one per dim), read from only the tensors it covers."""
+    refs = _refs(leaf, index)
+    lead, rest = shape[: leaf.stack], idx[leaf.stack :]
+    ranges = [range(*idx[d].indices(lead[d])) for d in range(leaf.stack)]
+    parts = [
+        to_ours(
+            _read_ref(refs[int(np.ravel_multi_index(at, lead)) if lead else 0], index), shape[leaf.stack :], leaf.n_in
+        )[rest]
+        for at in itertools.product(*ranges)
+    ]
+    out = np.stack(parts) if leaf.stack else np.array(parts[0])
+    out = out.reshape(*(len(r) for r in ranges), *parts[0].shape)
+    return out if target is None else out.astype(target, copy=False)
+
+
+def read_leaf(cfg: ModelConfig, hf_dir: str, path: tuple[str, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """One whole leaf of ours from an HF directory (tensor by tensor: the merge reads leaves one at a time),
+    in the dtype the checkpoint stores, its tensors' shapes checked against what `cfg` implies."""
+    index = _TensorIndex(hf_dir)
+    leaf = leaf_names(cfg, path)
+    want = hf_shape(shape[leaf.stack :], leaf.n_in)
+    for ref in _refs(leaf, index):
+        name = ref_name(ref)
+        if name not in index.where:
+            raise CheckpointFormatError(f"{hf_dir}: no tensor {name!r} (for our {'/'.join(path)})")
+        got = _ref_shape(ref, index)
+        if got != want:
+            raise CheckpointFormatError(
+                f"{index.path(name)}: tensor {name!r} has shape {list(got)}, config.json implies {list(want)}"
+            )
+    every = tuple(slice(None) for _ in shape)
+    return _read_slice(index, leaf, shape, every, None)
+
+
 def load_pretrained(
     hf_dir: str | os.PathLike,
     dtype: str = "float32",
@@ -176,19 +211,8 @@ def load_pretrained(
             else SingleDeviceSharding(jax.devices()[0])
         )
 
-        def read(idx, refs=_refs(leaf, index), leaf=leaf, shape=shape):
-            lead, rest = shape[: leaf.stack], idx[leaf.stack :]
-            ranges = [range(*idx[d].indices(lead[d])) for d in range(leaf.stack)]
-            parts = [
-                to_ours(
-                    _read_ref(refs[int(np.ravel_multi_index(at, lead)) if lead else 0], index),
-                    shape[leaf.stack :],
-                    leaf.n_in,
-                )[rest].astype(target)
-                for at in itertools.product(*ranges)
-            ]
-            out = np.stack(parts) if leaf.stack else parts[0]
-            return out.reshape(*(len(r) for r in ranges), *parts[0].shape)
+        def read(idx, leaf=leaf, shape=shape):
+            return _read_slice(index, leaf, shape, idx, target)
 
         flat[path] = jax.make_array_from_callback(shape, sharding, read)
     return cfg, traverse_util.unflatten_dict(flat)
