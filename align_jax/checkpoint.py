@@ -25,18 +25,20 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+# The readers live apart (lora/handoff.py builds on them too); they stay importable from here.
+from align_jax.checkpoint_reader import is_hf_dir as is_hf_dir
+from align_jax.checkpoint_reader import open_reader as open_reader
+from align_jax.checkpoint_reader import read_config as read_config
+from align_jax.checkpoint_reader import restore_raw_params as restore_raw_params
 from align_jax.config.deprecated import upgrade_saved
 from align_jax.errors import NotFoundError, UserError
+from align_jax.lora import handoff
 from align_jax.models.config import ModelConfig
 from align_jax.models.hf_config import from_hf_dict, read_hf_config
 from align_jax.sharding import Sharder
 from align_jax.workdir import CHECKPOINT_DIR, checkpoint_dir, config_diff, latest_step_on_disk, read_summary
 
 log = logging.getLogger(__name__)
-
-
-def is_hf_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 class CheckpointSaveError(UserError, RuntimeError):
@@ -196,45 +198,15 @@ class Checkpointer:
             ) from None
 
 
-def open_reader(workdir: str, what: str) -> ocp.CheckpointManager:
-    """A read-only manager over a workdir's checkpoints: reading never creates directories (a typo in
-    init_from or --workdir used to leave `<typo>/checkpoints` behind) and fails naming what was expected."""
-    directory = checkpoint_dir(workdir)
-    if latest_step_on_disk(workdir) is None:
-        if not os.path.isdir(workdir):
-            found = "no such directory"
-        elif not os.path.isdir(directory):
-            found = f"a directory without {CHECKPOINT_DIR}/ (entries: {', '.join(sorted(os.listdir(workdir))[:8]) or 'none'})"
-        else:
-            found = f"{CHECKPOINT_DIR}/ holds no finished checkpoint step"
-        raise NotFoundError(
-            f"{what}={workdir}: expected an align_jax stage workdir (with {CHECKPOINT_DIR}/<step>/), found {found}"
-        )
-    # create=False and no save: nothing is written. (Orbax's read_only=True would say the same in a warning
-    # on every open.)
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-
-
-def read_config(workdir: str, step: int | None = None, *, what: str = "workdir") -> dict:
-    """The config saved with a workdir's checkpoint (latest by default)."""
-    with open_reader(workdir, what) as mngr:
-        step = mngr.latest_step() if step is None else step
-        out = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return upgrade_saved(dict(out.config))
-
-
-def restore_params(workdir: str, abstract_params: Any, step: int | None = None, key: str = "params") -> Any:
+def restore_params(
+    workdir: str, abstract_params: Any, step: int | None = None, key: str = "params", *, sharder: Sharder | None = None
+) -> Any:
     """Params only, from a stage workdir's checkpoint, into the shardings of `abstract_params`.
 
-    The optimizer state and everything else in the checkpoint are not read."""
-    with open_reader(workdir, "init_from") as mngr:
-        step = mngr.latest_step() if step is None else step
-        target = {key: abstract_params}
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        args = ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-        )
-        return mngr.restore(step, args=args).state[key]
+    The optimizer state and everything else in the checkpoint are not read. A LoRA run's checkpoint holds
+    its adapters only: its params are then its base (re-read from its own init_from, placed by `sharder`
+    when that is an HF directory) with the adapters merged in (align_jax/lora/handoff.py)."""
+    return handoff.restore_params(workdir, abstract_params, step, key, sharder=sharder)
 
 
 def decoder_key(saved: dict) -> str | None:
@@ -304,7 +276,7 @@ def model_config_of(init_from: str, **runtime: Any) -> ModelConfig:
 # What a checkpoint's state is shaped by: resuming under other values cannot restore it. Everything else
 # in the saved config may change on resume (train.steps grows; a learning rate is changed on purpose),
 # and a change is logged.
-_STATE_SHAPING = ("hf_model_config", "runtime.param_dtype", "config.stage", "config.algorithm")
+_STATE_SHAPING = ("hf_model_config", "runtime.param_dtype", "config.stage", "config.algorithm", "lora")
 # How a run reports, not what it trains: changes are not worth a warning.
 _REPORTING = ("train.steps", "train.progress", "train.log_every", "train.eval_every", "train.ckpt_every")
 
@@ -380,7 +352,7 @@ def initialize(
             )
             how = "init_from_hf"
         else:
-            params = restore_params(init_from, abstract_params)
+            params = restore_params(init_from, abstract_params, sharder=sharder)
             how = "init_from_workdir"
         log.info("params from %s (%s)", init_from, how)
         return state_from_params(params), {}, how

@@ -33,6 +33,7 @@ from align_jax.data.tokenize import end_of_turn_ids
 from align_jax.engine import generate_many
 from align_jax.env_rollout import EnvSampling, env_rollout
 from align_jax.generate import generate
+from align_jax.lora import tree as lora_tree
 from align_jax.losses import advantages as adv_lib
 from align_jax.losses import rl
 from align_jax.losses.grpo import reference_topk_of, score_samples
@@ -102,7 +103,10 @@ class Rollouts:
         self.ahead = SampleAhead(self._sample_job, int(g.rollout_staleness))
 
     def policy(self, state: Any) -> Any:
-        return state.params["policy"] if self.ppo else state.params
+        params = state.params["policy"] if self.ppo else state.params
+        if self.model_cfg.lora_rank:  # the adapters; their frozen base rides in state.frozen (lora/plan.py)
+            params = lora_tree.merge(params, state.frozen)
+        return params
 
     # -- sampling ------------------------------------------------------------------------------------
 

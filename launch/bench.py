@@ -87,7 +87,8 @@ def with_reference_logps(run, state, batches: list) -> list:
     from align_jax.stages.dpo import reference_logps_fn
 
     fn = reference_logps_fn(run)
-    return [{**b, "ref_logps": fn(state.params, b)} for b in batches]
+    reference = state.frozen if run.lora is not None else state.params  # LoRA: the base, adapters off
+    return [{**b, "ref_logps": fn(reference, b)} for b in batches]
 
 
 def bench_stage(config, steps: int, workdir: str) -> dict:

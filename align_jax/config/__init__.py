@@ -2,7 +2,7 @@
 
 `base_config(stage)` returns a `ml_collections.ConfigDict` holding the keys that stage reads, with
 defaults: the run's fields (stage, init_from, tokenizer, seed), the shared sections
-(config/sections.py: model, data, mesh, optim, train, metrics) and the stage's own settings at the top
+(config/sections.py: model, data, mesh, optim, train, metrics, lora) and the stage's own settings at the top
 level (config/stage_sections.py: `config.beta` in a dpo config). Presets change values, and
 `--config.x=y` on the command line can only set keys that exist (a typo fails at once, naming the key;
 paths of the previous layout are rewritten with a deprecation warning, config/deprecated.py).

@@ -1,7 +1,7 @@
 """The config sections every training stage shares, each with its defaults and its checks.
 
 A stage config (align_jax/config/__init__.py: `base_config(stage)`) is the run's own fields (stage,
-init_from, tokenizer, seed), these sections (model, data, mesh, optim, train, metrics), and the stage's
+init_from, tokenizer, seed), these sections (model, data, mesh, optim, train, metrics, lora), and the stage's
 own settings at its top level (align_jax/config/stage_sections.py). Sections are ml_collections
 ConfigDicts: a value of the wrong type fails on assignment, and an unknown key fails on the command line.
 """
@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 
 from align_jax.errors import UserError
-from align_jax.models.config import ATTENTION_IMPLS, REMAT_POLICIES
+from align_jax.models.config import ATTENTION_IMPLS, LORA_TARGETS, REMAT_POLICIES
 from align_jax.sharding import MESH_AXES, normalize_rules
 
 DATA_FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion")
@@ -219,6 +219,76 @@ def metrics_section() -> ml_collections.ConfigDict:
     return m
 
 
+# -- lora -------------------------------------------------------------------------------------------
+
+LORA_QUANTIZE = ("none", "nf4")
+
+
+def lora_section() -> ml_collections.ConfigDict:
+    """LoRA / QLoRA (align_jax/lora): train low-rank adapters on a frozen base instead of every weight."""
+    s = ml_collections.ConfigDict()
+    s.rank = 0  # 0: off (full fine-tuning)
+    s.alpha = 16.0  # the adapter's output is scaled by alpha / rank
+    s.dropout = 0.0  # on the adapters' input, in train steps only
+    # The adapted projections: a comma-separated string ("q_proj,v_proj"), a tuple, or "all".
+    s.targets = ml_collections.FieldReference(",".join(LORA_TARGETS), field_type=object)
+    s.quantize = "none"  # none | nf4: the frozen base's projection kernels in 4-bit NormalFloat (QLoRA)
+    s.block_size = 64  # NF4 values per absmax scale
+    return s
+
+
+def lora_targets(value: Any) -> tuple[str, ...]:
+    """config.lora.targets as a tuple of projection names: a comma-separated string, a tuple or list (whose
+    items may hold commas too: absl passes `--config.lora.targets=q_proj,v_proj` as one string), or "all"."""
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, tuple | list) else None
+    if items is None or not all(isinstance(x, str) for x in items):
+        raise ConfigValueError(f"config.lora.targets={value!r}: a comma-separated string or a tuple of names")
+    names = [n.strip().strip("'\"()[] ") for x in items for n in x.split(",")]
+    names = [n for n in names if n]
+    if names == ["all"]:
+        return LORA_TARGETS
+    unknown = [n for n in names if n not in LORA_TARGETS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigValueError(
+            f"config.lora.targets={value!r}: each of {', '.join(LORA_TARGETS)} at most once, or 'all' "
+            f"(unknown: {unknown})"
+        )
+    return tuple(n for n in LORA_TARGETS if n in names)  # canonical order: the same run, however spelt
+
+
+def validate_lora(c: ml_collections.ConfigDict) -> None:
+    if "lora" not in c:
+        return
+    s = c.lora
+    if not isinstance(s.rank, int) or s.rank < 0:
+        raise ConfigValueError(f"config.lora.rank={s.rank!r} must be an integer >= 0 (0: off)")
+    if not s.alpha > 0:
+        raise ConfigValueError(f"config.lora.alpha={s.alpha} must be positive")
+    if not 0.0 <= s.dropout < 1.0:
+        raise ConfigValueError(f"config.lora.dropout={s.dropout} must be in [0, 1)")
+    lora_targets(s.targets)
+    one_of(s.quantize, LORA_QUANTIZE, "lora.quantize")
+    if s.quantize != "none" and not s.rank:
+        raise ConfigValueError(
+            f"config.lora.quantize={s.quantize!r} quantises the frozen base of a LoRA run (QLoRA): set config.lora.rank > 0"
+        )
+    if s.block_size < 2 or s.block_size % 2:
+        raise ConfigValueError(f"config.lora.block_size={s.block_size} must be even and >= 2 (two NF4 codes per byte)")
+
+
+def lora_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ModelConfig runtime fields config.lora sets (none of them reach config.json)."""
+    if "lora" not in c or not c.lora.rank:
+        return {}
+    s = c.lora
+    return dict(
+        lora_rank=int(s.rank),
+        lora_alpha=float(s.alpha),
+        lora_dropout=float(s.dropout),
+        lora_targets=lora_targets(s.targets),
+    )
+
+
 SECTIONS = {
     "model": (model_section, validate_model),
     "data": (data_section, validate_data),
@@ -226,4 +296,5 @@ SECTIONS = {
     "optim": (optim_section, validate_optim),
     "train": (train_section, validate_train),
     "metrics": (metrics_section, None),
+    "lora": (lora_section, validate_lora),
 }

@@ -5,8 +5,8 @@ Embedding, LmHead); Attention and Mlp compose them. One layer (`Block`) is in bl
 that scans Blocks in layer_stack.py and the model around it in transformer.py.
 
 Projections named in `cfg.lora_targets` carry a LoRA adapter when `cfg.lora_rank` > 0 (`lora_params`,
-`lora_delta`), and a frozen kernel may be stored quantised (`dense_kernel`): the same modules run full
-fine-tuning, LoRA and QLoRA.
+`lora_delta`), and a frozen kernel may be stored quantised (align_jax/models/nf4.py): the same modules run
+full fine-tuning, LoRA and QLoRA.
 
 With a KV cache (`mode` "prefill" or "decode"), Attention also carries the cache: see transformer.py's
 module docstring for how it rides in the layer scan.
@@ -65,10 +65,10 @@ class RMSNorm(nn.Module):
         return _bcast(scale.astype(dtype), x.ndim) * y.astype(dtype)
 
 
-def dense_kernel(w: Any, dtype: jnp.dtype) -> jax.Array:
-    """A kernel in the compute dtype. A quantised frozen kernel (QLoRA's NF4 blocks, align_jax.models.nf4)
-    is stored as a pytree with a `dequantize(dtype)` method and expands here, one layer at a time."""
-    return w.dequantize(dtype) if hasattr(w, "dequantize") else w.astype(dtype)
+def dense_kernel(w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """A kernel in the compute dtype. A QLoRA base kernel arrives here already dequantised, one layer at a
+    time: it is stored as an `align_jax.models.nf4.NF4` box, which the param read unboxes."""
+    return w.astype(dtype)
 
 
 def _lora_init(fan_in: int):

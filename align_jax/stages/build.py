@@ -19,7 +19,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from align_jax import checkpoint
-from align_jax.config.sections import mesh_shape
+from align_jax.config.sections import lora_fields, mesh_shape
 from align_jax.errors import NotFoundError
 from align_jax.models.config import RUNTIME_FIELDS, ModelConfig
 from align_jax.models.hf import abstract_params
@@ -58,8 +58,9 @@ def runtime_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Any) -> ModelConfig:
-    """From init_from's config when there is one; else the architecture in config.model."""
-    runtime = runtime_fields(config)
+    """From init_from's config when there is one; else the architecture in config.model. config.lora sets
+    the LoRA fields (runtime: the architecture, and so config.json, stays the base's)."""
+    runtime = {**runtime_fields(config), **lora_fields(config)}
     if config.init_from:
         return checkpoint.model_config_of(config.init_from, **runtime)
     m = config.model
@@ -269,11 +270,14 @@ def initial_state(
 def saved_config(config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> dict:
     """What a checkpoint records about its run: the config, and the model in HF terms (for export
     and for the next stage's init_from)."""
-    return {
+    saved = {
         "config": json.loads(config.to_json_best_effort()),
         "hf_model_config": to_hf_dict(model_cfg),
         "runtime": {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS},
     }
+    if model_cfg.lora_rank:  # what shapes a LoRA run's state (its checkpoints hold adapters only; lora/handoff.py)
+        saved["lora"] = {"rank": model_cfg.lora_rank, "targets": list(model_cfg.lora_targets)}
+    return saved
 
 
 def init_from_params(
@@ -293,4 +297,4 @@ def init_from_params(
 
         _, params = load_pretrained(config.init_from, dtype=cfg.param_dtype, compute_dtype=cfg.dtype, sharder=sharder)
         return params
-    return checkpoint.restore_params(config.init_from, abstract)
+    return checkpoint.restore_params(config.init_from, abstract, sharder=sharder)

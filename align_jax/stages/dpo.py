@@ -22,10 +22,10 @@ import ml_collections
 
 from align_jax import reference
 from align_jax.batch import PAIR_BATCH, REFERENCE_LOGPS, BatchSpec
+from align_jax.lora import model_apply_fn
 from align_jax.losses.dpo import Objective, preference_loss
 from align_jax.losses.pairs import sequence_logps
 from align_jax.metrics import flops_per_token
-from align_jax.models.apply import apply_fn
 from align_jax.models.hf_config import to_hf_dict
 from align_jax.models.transformer import Decoder
 from align_jax.stages import build, runner
@@ -62,9 +62,9 @@ def reference_logps_fn(run: runner.Run):
     loss_chunk = int(run.config.train.loss_chunk)
     return jax.jit(
         lambda p, b: sequence_logps(
-            p, b, apply_fn=apply_fn(Decoder(run.model_cfg, run.sharder)), loss_chunk=loss_chunk
+            p, b, apply_fn=model_apply_fn(Decoder(run.model_cfg, run.sharder)), loss_chunk=loss_chunk
         )[0],
-        in_shardings=(run.setup.param_shardings, PAIR_BATCH.shardings(run.sharder)),
+        in_shardings=(run.reference_shardings, PAIR_BATCH.shardings(run.sharder)),
     )
 
 
@@ -85,6 +85,12 @@ class PrecomputedReference:
             settings=settings,
             reference=reference.reference_fingerprint(c.init_from, int(c.seed), to_hf_dict(cfg)),
             dtype=(cfg.param_dtype, cfg.dtype),
+            # QLoRA's reference is the NF4 base: other log-probs than the unquantised model's.
+            **(
+                {"quantize": (c.lora.quantize, c.lora.block_size)}
+                if cfg.lora_rank and c.lora.quantize != "none"
+                else {}
+            ),
         )
 
     def table(self, run: runner.Run, split: str, spec: str, key: str, logps_fn: list) -> Any:
@@ -130,7 +136,7 @@ def spec(ctx: Context) -> StageSpec:
     params.reference = params.copy_reference = mode == "in_step"
     loss = functools.partial(
         preference_loss,
-        apply_fn=apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),
+        apply_fn=model_apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),
         objective=objective,
         loss_chunk=int(c.train.loss_chunk),
     )

@@ -47,9 +47,9 @@ from align_jax.batch import PPO_FIELDS, PTX_FIELDS, PTX_KL_FIELDS, ROLLOUT_FIELD
 from align_jax.data.prompts import PromptStream, Streams, prompt_messages
 from align_jax.data.sources import open_source
 from align_jax.envs import env_factory
+from align_jax.lora import model_apply_fn
 from align_jax.losses.grpo import PolicyObjective, grpo_loss, ppo_loss
 from align_jax.metrics import flops_per_token
-from align_jax.models.apply import apply_fn
 from align_jax.models.heads import ScalarModel
 from align_jax.models.transformer import Decoder
 from align_jax.pas.augment import augmenter
@@ -109,10 +109,10 @@ def eval_rows(config: ml_collections.ConfigDict) -> list[tuple[Any, Any]] | None
 def spec(ctx: Context) -> StageSpec:
     c = g = ctx.config
     objective = PolicyObjective.from_config(g)
-    policy_fn = apply_fn(Decoder(ctx.model_cfg, ctx.sharder))
+    policy_fn = model_apply_fn(Decoder(ctx.model_cfg, ctx.sharder))
     if g.algorithm == "ppo":
         value_model = ScalarModel(ctx.model_cfg, ctx.sharder)
-        value_fn = apply_fn(value_model)
+        value_fn = model_apply_fn(value_model)
         params = ppo_params(ctx, value_model)
         loss = functools.partial(ppo_loss, apply_fn=policy_fn, value_fn=value_fn, objective=objective)
     else:

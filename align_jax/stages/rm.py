@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from align_jax.batch import PAIR_BATCH
+from align_jax.lora import model_apply_fn
 from align_jax.losses.reward import reward_loss
 from align_jax.metrics import flops_per_token
-from align_jax.models.apply import apply_fn
 from align_jax.models.heads import ScalarModel
 from align_jax.sharding import tree_shardings
 from align_jax.stages import runner
@@ -58,7 +58,7 @@ def spec(ctx: Context) -> StageSpec:
     params = scalar_params(model, int(c.seed))
     loss = functools.partial(
         reward_loss,
-        apply_fn=apply_fn(model),
+        apply_fn=model_apply_fn(model),
         margin=float(c.margin),
         score_weight=float(c.score_weight),
         center_weight=float(c.center_weight),

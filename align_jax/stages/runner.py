@@ -19,6 +19,7 @@ from align_jax.config import validate
 from align_jax.data import pipeline
 from align_jax.data.prefetch import Prefetcher
 from align_jax.data.sources import check_local_files
+from align_jax.lora.plan import LoraPlan
 from align_jax.losses.router_aux import with_router_aux
 from align_jax.metrics import MetricsWriter
 from align_jax.stages import build
@@ -40,13 +41,24 @@ class Run:
         self.ctx = build.context(config, workdir)
         self.tokenizer, self.sharder, self.model_cfg = self.ctx.tokenizer, self.ctx.sharder, self.ctx.model_cfg
         self.spec = spec = make_spec(self.ctx)
-        self.setup = build.setup_state(self.model_cfg, self.sharder, config, boxed_abstract=spec.params.boxed_abstract)
+        # LoRA: the state's params are the trainable tree, its frozen the base (align_jax/lora/plan.py).
+        self.lora = LoraPlan(spec.params, self.model_cfg, self.sharder, config) if self.model_cfg.lora_rank else None
+        boxed = spec.params.boxed_abstract if self.lora is None else self.lora.boxed_trainable
+        self.setup = build.setup_state(self.model_cfg, self.sharder, config, boxed_abstract=boxed)
         self.state_shardings = self.setup.state_shardings
-        if spec.params.reference:
+        if self.lora is not None:
+            self.state_shardings = self.state_shardings.replace(frozen=self.lora.frozen_shardings)
+        elif spec.params.reference:
             self.state_shardings = self.state_shardings.replace(frozen=self._part(self.setup.param_shardings))
         self.batch_shardings = spec.batch.shardings(self.sharder)
         if self.model_cfg.num_experts:  # routed experts: their load-balancing loss joins every stage's loss
             spec.loss_fn = with_router_aux(spec.loss_fn, self.model_cfg.router_aux_loss_coef)
+        eval_loss = spec.loss_fn
+        if self.lora is not None:  # outermost: the losses inside see full params (router aux included)
+            spec.loss_fn, eval_loss = (
+                self.lora.loss(spec.loss_fn, train=True),
+                self.lora.loss(spec.loss_fn, train=False),
+            )
         self.step_fn = make_train_step(
             spec.loss_fn,
             self.setup.optimizer,
@@ -55,7 +67,7 @@ class Run:
             batch_shardings=self.batch_shardings,
         )
         self.eval_step = make_eval_step(
-            spec.loss_fn, state_shardings=self.state_shardings, batch_shardings=self.batch_shardings
+            eval_loss, state_shardings=self.state_shardings, batch_shardings=self.batch_shardings
         )
         self.train_iter, self.eval_batches = spec.train_data, spec.eval_data
         self.feed: Any = None
@@ -72,16 +84,19 @@ class Run:
         """The init precedence with this stage's shardings, then its frozen reference and (with `start`)
         the stage's start hook."""
         p = self.spec.params
-        state, data_state, how = build.initial_state(
-            self.setup,
-            self.config,
-            checkpointer,
-            self.workdir,
-            fresh_params=p.fresh,
-            init_abstract_params=None if p.init_from_part is None else self._part(self.setup.abstract_params),
-            params_from_init=p.from_init,
-        )
-        if p.reference:
+        if self.lora is not None:  # the frozen base (which is also the reference) comes with it
+            state, data_state, how = self.lora.initial_state(self, checkpointer)
+        else:
+            state, data_state, how = build.initial_state(
+                self.setup,
+                self.config,
+                checkpointer,
+                self.workdir,
+                fresh_params=p.fresh,
+                init_abstract_params=None if p.init_from_part is None else self._part(self.setup.abstract_params),
+                params_from_init=p.from_init,
+            )
+        if p.reference and self.lora is None:
             reference = self.reference_params()
             if p.copy_reference:
                 reference = jax.tree.map(lambda x: x.copy(), reference)
@@ -91,9 +106,16 @@ class Run:
         return state, data_state, how
 
     def reference_params(self) -> Any:
-        """init_from's params (or the seeded fresh init) in the param shardings: the frozen reference."""
+        """init_from's params (or the seeded fresh init) in the param shardings: the frozen reference. Under
+        LoRA the frozen base, loaded anew (the reference is the base with adapters off)."""
+        if self.lora is not None:
+            return self.lora.frozen()
         s = self.setup
         return build.init_from_params(s, self.config, self._part(s.abstract_params), self._part(s.param_shardings))
+
+    @property
+    def reference_shardings(self) -> Any:
+        return self.lora.frozen_shardings if self.lora is not None else self._part(self.setup.param_shardings)
 
     # -- data ----------------------------------------------------------------------------------------
 
@@ -266,6 +288,8 @@ def drive(r: Run) -> dict:
         writer.close()
     extra = r.spec.summary() if r.spec.summary is not None else {}
     summary.update(init=how, n_params=r.model_cfg.num_params(), data=r.train_iter.stats(), **extra)
+    if r.lora is not None:
+        summary["lora"] = r.lora.summary(r.setup.abstract_state)
     if jax.process_index() == 0:
         workdir_files.write_summary(workdir, summary)
     return summary

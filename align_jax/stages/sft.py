@@ -9,9 +9,9 @@ import ml_collections
 from align_jax.batch import SFT_BATCH
 from align_jax.data import pipeline
 from align_jax.data.sft_loader import SFTDataConfig
+from align_jax.lora import model_apply_fn
 from align_jax.losses.sft import sft_loss
 from align_jax.metrics import flops_per_token
-from align_jax.models.apply import apply_fn
 from align_jax.models.transformer import Decoder
 from align_jax.stages import build, runner
 from align_jax.stages.spec import Context, StageSpec
@@ -26,7 +26,7 @@ def spec(ctx: Context) -> StageSpec:
     config = ctx.config
     loss = functools.partial(
         sft_loss,
-        apply_fn=apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),
+        apply_fn=model_apply_fn(Decoder(ctx.model_cfg, ctx.sharder)),
         z_loss=float(config.train.z_loss),
         loss_chunk=int(config.train.loss_chunk),
     )
