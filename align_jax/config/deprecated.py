@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import logging
 import os
 import re
 from typing import Any
 
-from align_jax.config.sections import data_section
+from align_jax.config.sections import data_section, lora_section
 from align_jax.config.stage_sections import STAGE_SECTIONS
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,24 @@ def rewrite_flags(argv: list[str]) -> list[str]:
 _OVERRIDE = re.compile(r"^(?P<dashes>-{1,2})(?P<no>no)?config\.(?P<key>[^=]+)(?P<value>=.*)?$", re.S)
 
 
+def _added_since(saved: dict) -> dict:
+    """Settings that did not exist when a run was saved read as what such a run did: no LoRA (`lora`
+    section absent) and no expert mesh axis (`mesh.expert` absent)."""
+    config = saved["config"]
+    stage = config.get("stage")
+    missing_lora = stage in STAGE_SECTIONS and "lora" not in config
+    missing_expert = isinstance(config.get("mesh"), dict) and "expert" not in config["mesh"]
+    if not (missing_lora or missing_expert):
+        return saved
+    saved = copy.deepcopy(saved)
+    config = saved["config"]
+    if missing_lora:
+        config["lora"] = json.loads(lora_section().to_json_best_effort())
+    if missing_expert:
+        config["mesh"]["expert"] = 1
+    return saved
+
+
 def upgrade_saved(saved: dict) -> dict:
     """A checkpoint's saved {config, ...} of the previous layout, in the current one: the stage's own
     section lifted to the top level, every other stage's section dropped (the old layout gave every stage
@@ -102,6 +121,8 @@ def upgrade_saved(saved: dict) -> dict:
     config = saved.get("config")
     if not isinstance(config, dict):
         return saved
+    saved = _added_since(saved)
+    config = saved["config"]
     stage = config.get("stage")
     sections = [s for s in OWN_SECTION_STAGES if isinstance(config.get(s), dict)]
     old_rules = "rules" in config and not isinstance(config.get("rules"), str)  # grpo's reward rules are a str
