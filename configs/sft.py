@@ -30,6 +30,15 @@ Presets:
              = 1.3e16 FLOP/step; at 40% MFU on 8 x 989 TFLOP/s, ~4 s/step.
   qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b: ~1.2e16 FLOP/step, ~3.8 s/step at
              40% MFU (estimate).
+  llama3_8b_qlora  Llama-3(.1)-8B with QLoRA on ONE device (--config.init_from=/path/to/Meta-Llama-3-8B):
+             the projection kernels frozen in 4-bit NF4, rank-16 adapters (alpha 32, dropout 0.05) on all
+             seven projections, bf16 compute, full remat, 8 microbatches of 2 x 2048 tokens, loss in
+             512-position chunks. From shapes (launch/lora_memory.py): frozen base 6.0 GB (NF4 kernels +
+             bf16 embeddings and head), adapters 0.17 GB (41.9M params) + their AdamW states 0.34 GB, vs
+             96 GB of params + states for full fine-tuning; the activations of a 2 x 2048 microbatch under
+             full remat add ~2-3 GB (estimate), so a 24 GB GPU (RTX 4090, L4, A10) or a 16 GB Colab TPU
+             v5e-1 holds it. Checkpoints hold the adapters only (~0.5 GB); export merged or as a PEFT
+             adapter (launch/export.py --lora adapter).
   qwen3_8b   Qwen3-8B from an HF directory (--config.init_from=/path/to/Qwen3-8B; 8.19B params, q/k norms).
              Same hardware and layout as llama3_8b: fp32 params + grads + AdamW states are 122 GiB in
              all, 15.3 GiB per chip over fsdp=8, the rest of 80 GB (H100) / 95 GB (v5p) for bf16
@@ -125,6 +134,14 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
         c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
         c.data.eval_batches = 20
+    elif arg == "llama3_8b_qlora":
+        # One device: whatever the host has (a 24 GB GPU, a Colab TPU); no mesh axes to split.
+        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
+        c.lora.update(rank=16, alpha=32.0, dropout=0.05, targets="all", quantize="nf4")
+        c.data.update(seq_len=2048, batch_size=16)
+        c.optim.update(lr=2e-4, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
+        c.train.update(steps=1000, microbatches=8, loss_chunk=512, log_every=10, eval_every=200, ckpt_every=100)
+        c.data.eval_batches = 10
     elif arg in ("qwen3_8b", "gemma3_12b"):
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
@@ -153,7 +170,7 @@ def get_config(arg: str = "tiny"):
     else:
         raise ValueError(
             f"configs/sft.py: unknown preset {arg!r}; presets: tiny, calculator_tiny, small30m, llama1b, llama3_8b, "
-            "qwen2_7b, qwen3_8b, gemma3_12b, qwen3_30b_a3b, llama3_70b"
+            "llama3_8b_qlora, qwen2_7b, qwen3_8b, gemma3_12b, qwen3_30b_a3b, llama3_70b"
         )
     c.lock()
     return c

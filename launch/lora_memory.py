@@ -36,6 +36,7 @@ ARCHITECTURES = {
         max_position_embeddings=8192,
     ),
 }
+ARCHITECTURES["llama3_8b_qlora"] = ARCHITECTURES["llama3_8b"]
 GB = 1e9
 
 
