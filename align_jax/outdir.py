@@ -18,7 +18,7 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,21 @@ def make_scratch(dst: str) -> str:
     path = _scratch_path(dst, "tmp")
     os.mkdir(path)
     return path
+
+
+@contextlib.contextmanager
+def staged(dst: str, check: Callable[[], None] | None = None) -> Iterator[str]:
+    """Yields a scratch directory beside `dst` to write into; on success `check()` runs (the target may have
+    changed while we wrote) and the scratch replaces `dst`; on any error the scratch is removed."""
+    tmp = make_scratch(dst)
+    try:
+        yield tmp
+        if check is not None:
+            check()
+        replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(src: str, dst: str) -> None:

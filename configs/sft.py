@@ -127,13 +127,17 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=3e-4, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
         c.train.update(steps=1000, microbatches=2, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
         c.data.eval_batches = 4
-    elif arg in ("llama3_8b", "qwen2_7b"):
+    elif arg in ("llama3_8b", "qwen2_7b", "qwen3_8b", "gemma3_12b", "qwen3_30b_a3b"):
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=4096, batch_size=64)
         c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
         c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
         c.data.eval_batches = 20
+        if arg == "gemma3_12b":  # 262k vocabulary: smaller loss chunks keep the logits chunk at 1 GB
+            c.train.update(loss_chunk=512, microbatches=8)
+        if arg == "qwen3_30b_a3b":  # experts on `expert` x fsdp: each chip holds 1/16 of every expert
+            c.mesh.update(data=-1, fsdp=4, expert=4)
     elif arg == "llama3_8b_qlora":
         # One device: whatever the host has (a 24 GB GPU, a Colab TPU); no mesh axes to split.
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
@@ -142,24 +146,6 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=2e-4, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
         c.train.update(steps=1000, microbatches=8, loss_chunk=512, log_every=10, eval_every=200, ckpt_every=100)
         c.data.eval_batches = 10
-    elif arg in ("qwen3_8b", "gemma3_12b"):
-        c.mesh.update(data=1, fsdp=-1)
-        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
-        c.data.update(seq_len=4096, batch_size=64)
-        c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
-        c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
-        c.data.eval_batches = 20
-        if arg == "gemma3_12b":  # 262k vocabulary: smaller loss chunks keep the logits chunk at 1 GB
-            c.train.loss_chunk = 512
-            c.train.microbatches = 8
-    elif arg == "qwen3_30b_a3b":
-        # Experts on `expert` (4-way) and fsdp (4-way): each chip holds 1/16 of every expert's weights.
-        c.mesh.update(data=-1, fsdp=4, expert=4)
-        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
-        c.data.update(seq_len=4096, batch_size=64)
-        c.optim.update(lr=1e-5, warmup_steps=100, min_lr_ratio=0.1, weight_decay=0.1)
-        c.train.update(steps=2000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=200, ckpt_every=200)
-        c.data.eval_batches = 20
     elif arg == "llama3_70b":
         c.mesh.update(data=-1, fsdp=16, tensor=4)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=2)

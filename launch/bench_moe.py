@@ -11,23 +11,10 @@ interleaved. The defaults are a small30m-sized layer (hidden 512, 8 experts, top
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-
-def _best_times(fns, repeats: int) -> list[float]:
-    for fn in fns:
-        fn()  # compile
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-    return [min(ts) for ts in times]
 
 
 def bench_moe_vs_dense(
@@ -80,7 +67,9 @@ def bench_moe_vs_dense(
         "moe_dense_all_experts": step(MoeMlp(moe_cfg.replace(moe_impl="dense"), Sharder()), True),
         "dense_mlp_same_active": step(Mlp(dense_cfg, Sharder()), False),
     }
-    times = _best_times(list(variants.values()), repeats)
+    from bench_generate import best_times  # launch/ is on sys.path when this runs as a script
+
+    times = best_times(list(variants.values()), repeats)
     tokens = batch * length
     result = {name: tokens / t for name, t in zip(variants, times, strict=True)}
     print(f"backend={jax.default_backend()} devices={jax.device_count()} dtype={dtype}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,16 +94,10 @@ def save_adapter(
     config = saved["config"]
     lora, init_from = config["lora"], config.get("init_from") or ""
     base = os.path.abspath(init_from) if init_from and os.path.isdir(init_from) else init_from
-    tmp = outdir.make_scratch(out_dir)
-    try:
+    with outdir.staged(out_dir, check=lambda: check_adapter_target(out_dir, overwrite)) as tmp:
         safetensors_io.write(
             os.path.join(tmp, ADAPTER_WEIGHTS), peft_tensors(adapters, np.dtype(dtype) if dtype else None)
         )
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(adapter_config(lora, base, lora_targets(lora["targets"])), f, indent=2)
-        check_adapter_target(out_dir, overwrite)
-        outdir.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -282,15 +281,10 @@ def merge_checkpoints(
         summary = _summary(method, recipe, kw, out, merged, dtype, opened, per_leaf_stats)
 
         # Built beside OUT and renamed into place, so OUT is never half-written.
-        tmp = outdir.make_scratch(out)
-        try:
+        with outdir.staged(out) as tmp:
             _save_checkpoint(tmp, merged, saved_config)
             del merged  # the tokenizer and summary need no params
             summary["tokenizer"] = _save_tokenizer(opened, os.path.join(tmp, TOKENIZER_DIR))
             summary["seconds"] = round(time.perf_counter() - start, 3)
             write_summary(tmp, summary)
-            outdir.replace_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return summary

@@ -15,7 +15,6 @@ import itertools
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -271,8 +270,8 @@ def save_pretrained(
         for path in flat:  # every process joins the gathers; only process 0 writes.
             _host(flat[path])
         return out_dir
-    tmp = outdir.make_scratch(out_dir)
-    try:
+    # `check` runs again before the rename: the gathers took a while, the target may have changed.
+    with outdir.staged(out_dir, check=lambda: check_export_target(out_dir, overwrite)) as tmp:
         weight_map, total = {}, 0
         cache: dict[tuple[str, ...], np.ndarray] = {}
         for n, shard in enumerate(shards):
@@ -307,11 +306,6 @@ def save_pretrained(
             json.dump({k: list(v) if isinstance(v, tuple) else v for k, v in gen.items()}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        check_export_target(out_dir, overwrite)  # again: the gathers took a while, the target may have changed
-        outdir.replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
