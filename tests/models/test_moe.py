@@ -127,7 +127,10 @@ def test_grouped_matmul_blocks_equal_ragged_dot_with_empty_experts(b):
     ref = jnp.einsum("se,skef->skf", x_SE, w_XEN[expert_SK])
     for f in (via("blocks", b), via("ragged_dot", 1)):
         np.testing.assert_allclose(np.asarray(f(x_SE, w_XEN)), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    loss = lambda f: lambda *a: jnp.sum(jnp.cos(f(*a)))  # noqa: E731
+
+    def loss(f):  # a scalar whose gradient reaches every output element with a different weight
+        return lambda *a: jnp.sum(jnp.cos(f(*a)))
+
     g_ref = jax.grad(loss(lambda x, w: jnp.einsum("se,skef->skf", x, w[expert_SK])), (0, 1))(x_SE, w_XEN)
     assert_trees_close(jax.grad(loss(via("blocks", b)), (0, 1))(x_SE, w_XEN), g_ref)
     layout = dispatch_layout(expert_SK, num_experts, b)
