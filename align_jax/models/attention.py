@@ -198,10 +198,13 @@ def attention(
     sliding_window: int | None = None,
     scale: float | None = None,
     softcap: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """`aligned`: query i and key i are the same position (no cache offset), so the reference path
     may skip the key blocks that causality masks whole. `scale` defaults to head_dim ** -0.5.
-    With `softcap` (Gemma 2) the fused kernels, which cannot cap scores, give way to the reference."""
+    With `softcap` (Gemma 2) the fused kernels, which cannot cap scores, give way to the reference.
+    `segment_ids` [B, T] (training and prefill, with `aligned`): what segment-id kernels read instead of
+    the dense mask; the reference path ignores them (`mask_BTS` was built from them)."""
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_impl(impl, q_BTNH.dtype)
     if softcap is not None and impl == "auto":

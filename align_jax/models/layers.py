@@ -251,6 +251,7 @@ class Attention(nn.Module):
                 sliding_window=cfg.uniform_window,
                 scale=scale,
                 softcap=cfg.attn_softcap,
+                segment_ids=side.get("segment_ids"),
             )
         ctx = checkpoint_name(ctx, "attn_context")
         o_proj = Linear(

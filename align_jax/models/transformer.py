@@ -99,6 +99,9 @@ class Decoder(nn.Module):
         # What every layer shares. Gemma's layers alternate between two masks, so both are built once.
         side = {
             "positions": positions_BT,
+            # Segment-id kernels (splash, flash, sequence parallelism) build their own masks from these;
+            # the dense masks below are then unused and XLA drops them.
+            "segment_ids": segment_ids_BT,
             "mask": make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.uniform_window),
             "local_mask": None,
             "token_mask": segment_ids_BT > 0 if cfg.num_experts else None,
