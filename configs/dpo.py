@@ -24,6 +24,9 @@ Presets:
              microbatches, full remat, bf16, precomputed reference log-probs. Estimate, not measured: 6 x
              8.0e9 x 262k tokens = 1.3e16 FLOP/step (+1/3 with an in-step reference), ~4 s/step at 40% MFU.
   qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b.
+  llama3_70b Llama-3(.1)-70B DPO: 64 H100s or a TPU v5p-128, mesh fsdp=16 x tensor=4 (x data for the
+             rest), 128 rows of packed pairs per step in 8 microbatches, remat one unit per 2 layers,
+             precomputed reference log-probs.
 """
 
 from align_jax.config import base_config
@@ -60,7 +63,17 @@ def get_config(arg: str = "tiny"):
         c.optim.update(lr=5e-7, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
         c.train.update(steps=1000, microbatches=4, loss_chunk=1024, log_every=10, eval_every=100, ckpt_every=100)
         c.data.eval_batches = 20
+    elif arg == "llama3_70b":
+        c.mesh.update(data=-1, fsdp=16, tensor=4)
+        c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=2)
+        c.data.update(seq_len=4096, batch_size=128, max_pairs=64)
+        c.update(loss_type="sigmoid", beta=0.1, reference="precomputed")
+        c.optim.update(lr=5e-7, warmup_steps=50, min_lr_ratio=0.1, weight_decay=0.0)
+        c.train.update(steps=1000, microbatches=8, loss_chunk=1024, log_every=10, eval_every=100, ckpt_every=100)
+        c.data.eval_batches = 20
     else:
-        raise ValueError(f"configs/dpo.py: unknown preset {arg!r}; presets: tiny, small30m, llama3_8b, qwen2_7b")
+        raise ValueError(
+            f"configs/dpo.py: unknown preset {arg!r}; presets: tiny, small30m, llama3_8b, qwen2_7b, llama3_70b"
+        )
     c.lock()
     return c

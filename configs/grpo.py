@@ -72,7 +72,10 @@ Presets:
   llama3_8b  Llama-3-8B from an SFT workdir, with an RM workdir as the reward (--config.rm_workdir)
              on your prompts (--config.data.train): 8x H100/H200 or TPU v5p-8, mesh fsdp=8, 64 prompts x
              3 samples, 512 new tokens. Estimate, not measured: rollout dominates (decode of 192 x 512
-             tokens), then one update of ~192 x 1k tokens.
+             tokens), then one update of ~192 x 1k tokens, the LM head in 512-position chunks.
+  qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b.
+  llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128, mesh fsdp=16 x tensor=4 (x data for the rest),
+             128 prompts x 3 samples, 16 update microbatches, remat one unit per 2 layers.
 """
 
 from align_jax.config import base_config
@@ -115,16 +118,24 @@ def get_config(arg: str = "tiny"):
         c.update(eval_prompts=128, normalise="sequence")
         c.optim.update(lr=3e-4, warmup_steps=5, schedule="constant", weight_decay=0.0)
         c.train.update(steps=80, log_every=5, eval_every=20, ckpt_every=40)
-    elif arg == "llama3_8b":
+    elif arg in ("llama3_8b", "qwen2_7b", "llama3_70b"):
         c.mesh.update(data=1, fsdp=-1)
         c.model.update(dtype="bfloat16", remat_policy="full", layers_per_unit=1)
         c.data.update(seq_len=1024, batch_size=192)
         c.update(group_size=3, max_prompt_len=512, max_new_tokens=512, kl_coef=0.05, rules="", rm_weight=1.0)
         c.optim.update(lr=5e-7, warmup_steps=10, schedule="constant", weight_decay=0.0)
-        c.train.update(steps=500, microbatches=8, log_every=1, eval_every=50, ckpt_every=50)
+        # The log-probs, the reference's top-k and the update read the LM head 512 positions at a time:
+        # a 24-row microbatch's 128k-vocab fp32 logits would be 12.6 GB, a chunk is 6.3 GB / 2.
+        c.train.update(steps=500, microbatches=8, loss_chunk=512, log_every=1, eval_every=50, ckpt_every=50)
+        if arg == "llama3_70b":
+            c.mesh.update(data=-1, fsdp=16, tensor=4)
+            c.model.layers_per_unit = 2
+            c.data.batch_size = 384
+            c.train.microbatches = 16
     else:
         raise ValueError(
-            f"configs/grpo.py: unknown preset {arg!r}; presets: tiny, dapo_tiny, calculator_tiny, llama3_8b"
+            f"configs/grpo.py: unknown preset {arg!r}; presets: tiny, dapo_tiny, calculator_tiny, llama3_8b, "
+            "qwen2_7b, llama3_70b"
         )
     c.lock()
     return c

@@ -8,6 +8,7 @@ scoring the rollout does before the update (old and reference log-probs, the per
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from align_jax.batch import TOKEN_FIELDS
 from align_jax.losses import rl
-from align_jax.losses.sft import target_mask, token_nll
+from align_jax.losses.sft import next_token_map, target_mask, token_nll
 from align_jax.models.apply import ApplyFn, forward
 
 
@@ -38,45 +39,60 @@ class PolicyObjective:
     ptx_kind: str = "kl"  # kl | nll
     vf_coef: float = 0.1  # PPO
     value_clip_eps: float = 0.2  # PPO
+    loss_chunk: int = 0  # config.train.loss_chunk: the LM head this many positions at a time (0: all at once)
 
     @classmethod
-    def from_config(cls, c: Any) -> PolicyObjective:
-        return cls(**{f.name: type(f.default)(c[f.name]) for f in dataclasses.fields(cls)})
+    def from_config(cls, c: Any, loss_chunk: int = 0) -> PolicyObjective:
+        fields = [f for f in dataclasses.fields(cls) if f.name != "loss_chunk"]
+        return cls(**{f.name: type(f.default)(c[f.name]) for f in fields}, loss_chunk=int(loss_chunk))
 
 
-def token_logps(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """(log-prob of each next token [B, T-1], logits [B, T-1, V]) under `params`."""
-    logits = forward(apply_fn, params, batch)[:, :-1]
-    nll, _ = token_nll(logits, batch["tokens"][:, 1:])
-    return -nll, logits
+def _logp(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    nll, _ = token_nll(logits, targets)
+    return -nll
 
 
-def score_samples(params, ref_params, batch, *, apply_fn: ApplyFn, estimator: str, topk: int):
+def token_logps(apply_fn: ApplyFn, params: Any, batch: dict[str, jax.Array], *, loss_chunk: int = 0) -> jax.Array:
+    """Log-prob of each next token [B, T-1] under `params`. Every function here reads the logits through
+    `next_token_map`, so with `loss_chunk` > 0 no [B, T, V] logits exist (at a 128k vocabulary they are
+    the largest buffer of the step), and the numbers are unchanged."""
+    return next_token_map(params, batch, _logp, apply_fn=apply_fn, loss_chunk=loss_chunk)
+
+
+def score_samples(params, ref_params, batch, *, apply_fn: ApplyFn, estimator: str, topk: int, loss_chunk: int = 0):
     """Teacher-forced (old log-probs, reference log-probs, per-token KL), each [B, T-1], no gradient."""
-    logp, logits = token_logps(apply_fn, params, batch)
-    ref_logp, ref_logits = token_logps(apply_fn, ref_params, batch)
+    head = functools.partial(next_token_map, apply_fn=apply_fn, loss_chunk=loss_chunk)
     if estimator == "topk":
-        values, indices = rl.reference_topk(ref_logits, topk)
-        kl = rl.topk_exact_kl(logits, values, indices)
+        # The reference pass keeps its top-k (values, ids) per position, V/k times less than its logits.
+        ref_logp, values, indices = head(ref_params, batch, lambda lg, y: (_logp(lg, y), *rl.reference_topk(lg, topk)))
+        logp, kl = head(
+            params, batch, lambda lg, y, v, i: (_logp(lg, y), rl.topk_exact_kl(lg, v, i)), (values, indices)
+        )
     else:
+        logp, ref_logp = head(params, batch, _logp), head(ref_params, batch, _logp)
         kl = rl.kl_estimate(logp, ref_logp, estimator)
     return jax.lax.stop_gradient((logp, ref_logp, kl))
 
 
-def reference_topk_of(ref_params, batch, *, apply_fn: ApplyFn, topk: int) -> tuple[jax.Array, jax.Array]:
+def reference_topk_of(
+    ref_params, batch, *, apply_fn: ApplyFn, topk: int, loss_chunk: int = 0
+) -> tuple[jax.Array, jax.Array]:
     """The reference's top-k (logits, ids) at every position of an SFT batch, [B, T-1, k] each."""
-    _, logits = token_logps(apply_fn, ref_params, batch)
-    return rl.reference_topk(logits, topk)
+    return next_token_map(
+        ref_params, batch, lambda lg, y: rl.reference_topk(lg, topk), apply_fn=apply_fn, loss_chunk=loss_chunk
+    )
 
 
-def ptx_term(params, batch, *, apply_fn: ApplyFn, kind: str) -> tuple[jax.Array, jax.Array]:
+def ptx_term(params, batch, *, apply_fn: ApplyFn, kind: str, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
     """(sum, count) over the SFT batch's target tokens of KL(policy || reference) (top-k exact) or NLL."""
     sft = {k: batch[f"ptx_{k}"] for k in TOKEN_FIELDS}
-    logp, logits = token_logps(apply_fn, params, sft)
     mask = target_mask(sft).astype(jnp.float32)
+    head = functools.partial(next_token_map, params, sft, apply_fn=apply_fn, loss_chunk=loss_chunk)
     if kind == "kl":
-        return rl.ptx_kl_term(logits, batch["ptx_ref_values"], batch["ptx_ref_indices"], mask)
-    return (-logp * mask).sum(), mask.sum()
+        ref = (batch["ptx_ref_values"], batch["ptx_ref_indices"], mask)
+        kl = head(lambda lg, y, v, i, m: rl.masked_topk_kl(lg, v, i, m), ref)
+        return rl.masked_sum(kl, mask)
+    return (-head(_logp) * mask).sum(), mask.sum()
 
 
 def grpo_loss(
@@ -87,8 +103,12 @@ def grpo_loss(
     reference the state carries is not read here: the rollout already scored the batch under it."""
     del rng, frozen
     o = objective
-    logp, logits = token_logps(apply_fn, params, batch)
     mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+    def logp_entropy(logits, targets, m):
+        return _logp(logits, targets), rl.token_entropy(jax.lax.stop_gradient(logits), m)
+
+    logp, entropy = next_token_map(params, batch, logp_entropy, (mask,), apply_fn=apply_fn, loss_chunk=o.loss_chunk)
     old_logp = batch["old_logp"][:, :-1]
     gspo = o.policy_loss == "gspo"
     weights, tis_metrics = None, {}
@@ -116,11 +136,11 @@ def grpo_loss(
         loss_sum = loss_sum + o.kl_coef * kl_sum * scale
         metrics["kl_loss"] = (kl_sum, kl_n)
     if o.ptx_coef:
-        ptx_sum, ptx_n = ptx_term(params, batch, apply_fn=apply_fn, kind=o.ptx_kind)
+        ptx_sum, ptx_n = ptx_term(params, batch, apply_fn=apply_fn, kind=o.ptx_kind, loss_chunk=o.loss_chunk)
         # ptx_coef x its per-token mean, in the objective's normalisation (the step divides by denom).
         loss_sum = loss_sum + o.ptx_coef * ptx_sum * denom / jnp.maximum(ptx_n, 1.0)
         metrics[f"ptx_{o.ptx_kind}"] = (ptx_sum, ptx_n)
-    metrics["entropy"] = rl.entropy_from_logits(jax.lax.stop_gradient(logits), mask)
+    metrics["entropy"] = rl.masked_sum(entropy, mask)
     return loss_sum, denom, metrics
 
 

@@ -67,7 +67,8 @@ def _clean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(m.reshape(m.shape + (1,) * (x.ndim - m.ndim)), x, 0.0)
 
 
-def _masked_sum(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_sum(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum over real positions, their count)."""
     # where, not multiply: a padding position may hold inf/nan (e.g. logp of a pad token), and nan * 0 = nan.
     m = _bool_mask(mask)
     return jnp.sum(jnp.where(m, x, 0.0)), jnp.sum(m.astype(jnp.float32))
@@ -118,8 +119,14 @@ def ptx_kl_term(
     policy_logits: jax.Array, ref_topk_logits: jax.Array, ref_topk_indices: jax.Array, mask: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """(sum, count) of the Baichuan PTX term KL(policy || original model) on SFT tokens, exact over the top-k."""
-    kl = topk_exact_kl(_clean(policy_logits, mask), _clean(ref_topk_logits, mask), ref_topk_indices)
-    return _masked_sum(kl, mask)
+    return masked_sum(masked_topk_kl(policy_logits, ref_topk_logits, ref_topk_indices, mask), mask)
+
+
+def masked_topk_kl(
+    policy_logits: jax.Array, ref_topk_logits: jax.Array, ref_topk_indices: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """`topk_exact_kl` per position [B, T], with padding zeroed before the formula (finite gradients)."""
+    return topk_exact_kl(_clean(policy_logits, mask), _clean(ref_topk_logits, mask), ref_topk_indices)
 
 
 def kl_in_reward(scores: jax.Array, kl: jax.Array, mask: jax.Array, *, kl_coef: float) -> jax.Array:
@@ -166,7 +173,7 @@ _TERMS = {"ppo_clip": _ppo_clip_terms, "gspo": _gspo_terms, "cispo": _cispo_term
 
 def _normalised_sum(per_token, m, normalise: str, max_len: int | None) -> tuple[jax.Array, jax.Array]:
     if normalise == "token":
-        return _masked_sum(per_token, m)
+        return masked_sum(per_token, m)
     tok_sum = jnp.sum(jnp.where(m, per_token, 0.0), axis=1)
     n_tok = jnp.sum(m.astype(jnp.float32), axis=1)
     n_seq = jnp.sum((n_tok > 0).astype(jnp.float32))  # an all-padding row is not a sample
@@ -223,12 +230,12 @@ def policy_gradient_loss(
 
     lr = jax.lax.stop_gradient(log_ratio)
     metrics: Metrics = {
-        "ratio": _masked_sum(r, m),
-        "clip_fraction": _masked_sum((low | high).astype(jnp.float32), m),
-        "clip_fraction_low": _masked_sum(low.astype(jnp.float32), m),
-        "clip_fraction_high": _masked_sum(high.astype(jnp.float32), m),
+        "ratio": masked_sum(r, m),
+        "clip_fraction": masked_sum((low | high).astype(jnp.float32), m),
+        "clip_fraction_low": masked_sum(low.astype(jnp.float32), m),
+        "clip_fraction_high": masked_sum(high.astype(jnp.float32), m),
         # k3 with the roles swapped: samples come from the old policy, so this estimates KL(old || new).
-        "approx_kl": _masked_sum(jnp.expm1(lr) - lr, m),
+        "approx_kl": masked_sum(jnp.expm1(lr) - lr, m),
     }
     return loss_sum, denom, metrics
 
@@ -248,7 +255,7 @@ def tis_weights(
         d = jnp.broadcast_to(jnp.sum(d, axis=1, keepdims=True) / jnp.maximum(n_tok, 1.0), m.shape)
     raw = jnp.exp(jnp.clip(d, -_MAX_LOG_RATIO, _MAX_LOG_RATIO))
     w = jnp.where(m, jnp.minimum(raw, cap), 0.0)
-    return w, {"tis/weight": _masked_sum(w, m), "tis/truncated": _masked_sum((raw > cap).astype(jnp.float32), m)}
+    return w, {"tis/weight": masked_sum(w, m), "tis/truncated": masked_sum((raw > cap).astype(jnp.float32), m)}
 
 
 def logp_mismatch(sampler_logp: jax.Array, trainer_logp: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
@@ -270,14 +277,18 @@ def kl_loss_term(
     logp: jax.Array, ref_logp: jax.Array, mask: jax.Array, *, kind: Literal["k1", "k2", "k3"] = "k3"
 ) -> tuple[jax.Array, jax.Array]:
     """(sum, count) over real tokens of the KL-as-loss term (DeepSeekMath GRPO: + kl_coef * this mean, with k3)."""
-    return _masked_sum(kl_estimate(_clean(logp, mask), _clean(ref_logp, mask), kind), mask)
+    return masked_sum(kl_estimate(_clean(logp, mask), _clean(ref_logp, mask), kind), mask)
 
 
 def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum, count) over real tokens of the policy's entropy -sum_v p_v log p_v at each position."""
+    return masked_sum(token_entropy(logits, mask), mask)
+
+
+def token_entropy(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """The policy's entropy [B, T] at each position (padding zeroed before the formula)."""
     logp = jax.nn.log_softmax(_clean(logits, mask), axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return _masked_sum(entropy, mask)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
 def gae(
@@ -318,7 +329,7 @@ def value_loss(
     ret = jax.lax.stop_gradient(_clean(returns, mask))
     v_clipped = jnp.clip(v, v_old - clip_eps, v_old + clip_eps)
     per_token = 0.5 * jnp.maximum(jnp.square(v - ret), jnp.square(v_clipped - ret))
-    return _masked_sum(per_token, mask)
+    return masked_sum(per_token, mask)
 
 
 def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
@@ -328,9 +339,9 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     mean back (TRL whitens rewards that way, keeping their sign). Statistics are over this call's tokens only."""
     m = _bool_mask(mask)
     x = _clean(x, m)
-    total, n = _masked_sum(x, m)
+    total, n = masked_sum(x, m)
     mean = total / jnp.maximum(n, 1.0)
-    sq, _ = _masked_sum(jnp.square(x - mean), m)
+    sq, _ = masked_sum(jnp.square(x - mean), m)
     var = sq / jnp.maximum(n - 1.0, 1.0)
     out = (x - mean) * jax.lax.rsqrt(var + eps)
     if not shift_mean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,24 +69,71 @@ def lm_head_weight(params: Any) -> jax.Array:
     return params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"].T
 
 
+def chunked_head(
+    hidden_BTE: jax.Array,
+    w_EV: jax.Array,
+    chunk: int,
+    fn: Callable[..., Any],
+    per_token: tuple[jax.Array, ...] = (),
+    softcap: float | None = None,
+) -> Any:
+    """`fn(logits [B, chunk, V], *per_token chunks)` -> per-position outputs ([B, chunk, ...] leaves),
+    with the LM head applied `chunk` positions at a time inside a checkpointed map: only one chunk's
+    float32 logits exist, forward or backward, instead of all [B, T, V] (33.6 GB for 16 x 4096 tokens at
+    Llama-3's 128k vocabulary). Exact whenever `fn` is per position (the head and every use of it are).
+    T must be a multiple of `chunk`; `per_token` leaves are [B, T, ...]."""
+    b, t, _ = hidden_BTE.shape
+    n = t // chunk
+
+    def split(x: jax.Array) -> jax.Array:
+        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(h_BCE, *xs):
+        logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
+        return fn(soft_cap(logits, softcap), *xs)
+
+    out = jax.lax.map(lambda xs: one(*xs), (split(hidden_BTE), *(split(x) for x in per_token)))
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, t, *x.shape[3:]), out)
+
+
 def chunked_token_stats(
     hidden_BTE: jax.Array, w_EV: jax.Array, targets_BT: jax.Array, chunk: int, softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(nll, logZ, correct) per token, with the LM head applied `chunk` positions at a time inside a
-    checkpointed scan: only one chunk's [B, chunk, V] logits exist, forward or backward, instead of
-    all [B, T, V] (33.6 GB in float32 for 16 x 4096 tokens at Llama-3's 128k vocabulary)."""
-    b, t, _ = hidden_BTE.shape
-    n = t // chunk
-    h_NBCE = hidden_BTE.reshape(b, n, chunk, -1).swapaxes(0, 1)
-    y_NBC = targets_BT.reshape(b, n, chunk).swapaxes(0, 1)
+    """(nll, logZ, correct) per token, the LM head applied `chunk` positions at a time (`chunked_head`)."""
+    return chunked_head(hidden_BTE, w_EV, chunk, token_xent, (targets_BT,), softcap)
 
-    @jax.checkpoint
-    def one(h_BCE, y_BC):
-        logits = jnp.einsum("bce,ev->bcv", h_BCE, w_EV.astype(h_BCE.dtype), preferred_element_type=jnp.float32)
-        return token_xent(soft_cap(logits, softcap), y_BC)
 
-    stats = jax.lax.map(lambda xs: one(*xs), (h_NBCE, y_NBC))
-    return tuple(x.swapaxes(0, 1).reshape(b, t) for x in stats)
+def next_token_map(
+    params: Any,
+    batch: dict[str, jax.Array],
+    fn: Callable[..., Any],
+    per_token: tuple[jax.Array, ...] = (),
+    *,
+    apply_fn: ApplyFn,
+    loss_chunk: int = 0,
+) -> Any:
+    """`fn(logits [B, T-1, V], targets [B, T-1], *per_token)` over every position that predicts a next
+    token (float32 logits, soft-capped as the decoder's are); `per_token` leaves are [B, T-1, ...].
+    With `loss_chunk` > 0 (and T-1 > loss_chunk) the head runs in chunks (`chunked_head`): the same
+    numbers, T / loss_chunk times less logits memory. `fn` must treat positions independently."""
+    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
+    targets = tokens[:, 1:]
+    t = tokens.shape[1] - 1
+    if loss_chunk and t > loss_chunk:
+        hidden = apply_fn(params, tokens, positions, segments, return_hidden=True)[:, :-1]
+        pad = -t % loss_chunk  # the last chunk is padded; what it computes for padding is cut off below
+
+        def padded(x: jax.Array) -> jax.Array:
+            return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+
+        softcap = getattr(apply_fn, "final_softcap", None)  # Gemma 2 caps the logits the decoder would return
+        out = chunked_head(
+            padded(hidden), lm_head_weight(params), loss_chunk, fn, tuple(map(padded, (targets, *per_token))), softcap
+        )
+        return jax.tree.map(lambda x: x[:, :t], out)
+    logits = apply_fn(params, tokens, positions, segments)[:, :-1]
+    return fn(logits, targets, *per_token)
 
 
 def token_stats(
@@ -93,21 +141,9 @@ def token_stats(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(nll, logZ, correct), each float32 [B, T-1]: entry t is about predicting token t+1 from position t.
 
-    `loss_chunk` > 0 computes the LM head that many positions at a time (see `chunked_token_stats`);
+    `loss_chunk` > 0 computes the LM head that many positions at a time (see `chunked_head`);
     the numbers are the same, the logits memory is T / loss_chunk times less."""
-    tokens, positions, segments = batch["tokens"], batch["positions"], batch["segment_ids"]
-    targets = tokens[:, 1:]
-    t = tokens.shape[1] - 1
-    if loss_chunk and t > loss_chunk:
-        hidden = apply_fn(params, tokens, positions, segments, return_hidden=True)[:, :-1]
-        pad = -t % loss_chunk  # the last chunk is padded; padded positions carry no target
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        w = lm_head_weight(params)
-        softcap = getattr(apply_fn, "final_softcap", None)  # Gemma 2 caps the logits the decoder would return
-        stats = chunked_token_stats(hidden, w, jnp.pad(targets, ((0, 0), (0, pad))), loss_chunk, softcap)
-        return tuple(x[:, :t] for x in stats)
-    logits = apply_fn(params, tokens, positions, segments)[:, :-1]
-    return token_xent(logits, targets)
+    return next_token_map(params, batch, token_xent, apply_fn=apply_fn, loss_chunk=loss_chunk)
 
 
 def sft_loss(
