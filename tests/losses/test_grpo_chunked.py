@@ -56,7 +56,8 @@ def test_scoring_in_chunks_equals_full_logits(model, estimator):
     fn, params, ref = model
     batch = rollout_batch()
     score = functools.partial(score_samples, apply_fn=fn, estimator=estimator, topk=16)
-    full, chunked = score(params, ref, batch), score(params, ref, batch, loss_chunk=CHUNK)
+    full = jax.jit(score)(params, ref, batch)
+    chunked = jax.jit(functools.partial(score, loss_chunk=CHUNK))(params, ref, batch)
     for a, b in zip(full, chunked, strict=True):
         assert a.shape == (2, 23)
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
@@ -64,7 +65,8 @@ def test_scoring_in_chunks_equals_full_logits(model, estimator):
         assert float(jnp.abs(full[2]).max()) > 1e-3  # two different models: the KL is not trivially 0
 
     topk = functools.partial(reference_topk_of, apply_fn=fn, topk=16)
-    (v_full, i_full), (v_chunk, i_chunk) = topk(ref, batch), topk(ref, batch, loss_chunk=CHUNK)
+    v_full, i_full = jax.jit(topk)(ref, batch)
+    v_chunk, i_chunk = jax.jit(functools.partial(topk, loss_chunk=CHUNK))(ref, batch)
     np.testing.assert_allclose(v_chunk, v_full, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(i_chunk, i_full)
 
@@ -89,8 +91,8 @@ def test_grpo_loss_and_gradients_in_chunks_equal_full_logits(model, settings):
     def run(chunk):
         objective = PolicyObjective(**settings, loss_chunk=chunk)
         loss = functools.partial(grpo_loss, apply_fn=fn, objective=objective)
-        (loss_sum, (denom, metrics)), grads = jax.value_and_grad(
-            lambda p: (lambda o: (o[0], (o[1], o[2])))(loss(p, batch, None)), has_aux=True
+        (loss_sum, (denom, metrics)), grads = jax.jit(
+            jax.value_and_grad(lambda p: (lambda o: (o[0], (o[1], o[2])))(loss(p, batch, None)), has_aux=True)
         )(params)
         return loss_sum, denom, metrics, grads
 
@@ -114,7 +116,7 @@ def test_ppo_loss_in_chunks_equals_full_logits(model):
     def run(chunk):
         objective = PolicyObjective(loss_chunk=chunk)
         loss = functools.partial(ppo_loss, apply_fn=fn, value_fn=apply_fn(value_model), objective=objective)
-        return jax.value_and_grad(lambda p: loss(p, batch, None)[0])(both)
+        return jax.jit(jax.value_and_grad(lambda p: loss(p, batch, None)[0]))(both)
 
     (l_full, g_full), (l_chunk, g_chunk) = run(0), run(CHUNK)
     np.testing.assert_allclose(l_chunk, l_full, rtol=1e-5)
@@ -126,7 +128,8 @@ def test_gemma_final_softcap_is_applied_in_chunks():
     fn, params = apply_fn(Decoder(cfg)), aj.init_params(cfg, jax.random.key(0))
     batch = rollout_batch()
     score = functools.partial(score_samples, apply_fn=fn, estimator="k1", topk=1)
-    full, chunked = score(params, params, batch), score(params, params, batch, loss_chunk=CHUNK)
+    full = jax.jit(score)(params, params, batch)
+    chunked = jax.jit(functools.partial(score, loss_chunk=CHUNK))(params, params, batch)
     np.testing.assert_allclose(chunked[0], full[0], rtol=1e-5, atol=1e-6)
 
 
