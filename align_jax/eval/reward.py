@@ -7,7 +7,9 @@
 A response is tokenised exactly as in RM training (the tokenizer's chat template, prompt + response,
 via `tokenize_chat`), and its reward is the head's value at its last target token. Sequences are
 scored one per row, right-padded to a power-of-two length bucket in fixed-size batches, so a run
-compiles once per bucket.
+compiles once per bucket. The params live on the scorer's mesh (`sharder`; by default every local
+device on fsdp, as for `align_jax.chat.ChatModel`), restored straight into their shardings, and each
+batch is split over the mesh's batch axes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from align_jax import checkpoint
 from align_jax.data.tokenize import end_of_turn_ids, tokenize_chat
 from align_jax.losses.pairs import last_target_index, values_at
 from align_jax.models.heads import ScalarModel
-from align_jax.sharding import Sharder, make_mesh, normalize_rules, tree_shardings
+from align_jax.sharding import Sharder, tree_shardings
 
 Prompt = str | Sequence[dict[str, str]]
 
@@ -44,16 +46,27 @@ class RewardScorer:
         self._forward = jax.jit(self._rewards)
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None, batch_size: int = 8, dtype: str = "float32") -> RewardScorer:
-        """An RM stage's workdir: its saved config and tokenizer, and the params of `step` (latest)."""
+    def load(
+        cls,
+        workdir: str,
+        step: int | None = None,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        *,
+        sharder: Sharder | None = None,
+    ) -> RewardScorer:
+        """An RM stage's workdir: its saved config and tokenizer, and the params of `step` (latest), in their
+        shardings on `sharder`'s mesh (default: `align_jax.chat.default_sharder()`)."""
         from transformers import AutoTokenizer
+
+        from align_jax.chat import default_sharder
 
         saved = checkpoint.read_config(workdir, step)
         stage = saved.get("config", {}).get("stage")
         if stage != "rm":
             raise ValueError(f"{workdir}: a checkpoint of stage {stage!r}, not a reward model (stage 'rm')")
         cfg = checkpoint.model_config_of(workdir, param_dtype=dtype, dtype=dtype, remat_policy="none")
-        sharder = Sharder(make_mesh({"data": -1}), normalize_rules(None))
+        sharder = sharder or default_sharder()
         model = ScalarModel(cfg, sharder)
         tokens = jnp.zeros((1, 8), jnp.int32)
         boxed = jax.eval_shape(
@@ -61,7 +74,8 @@ class RewardScorer:
             jax.random.key(0),
         )
         abstract = checkpoint.abstract_with_shardings(nn.meta.unbox(boxed), tree_shardings(boxed, sharder))
-        params = checkpoint.restore_params(workdir, abstract, step)
+        # The sharder too: a LoRA RM over an HF base then reads that base in slices, not whole on one device.
+        params = checkpoint.restore_params(workdir, abstract, step, sharder=sharder)
         tokenizer = AutoTokenizer.from_pretrained(os.path.join(workdir, "tokenizer"))
         max_len = int(saved["config"].get("data", {}).get("seq_len", 4096))
         return cls(model, params, tokenizer, batch_size=batch_size, max_len=max_len)
@@ -70,6 +84,13 @@ class RewardScorer:
         values = self.model.apply({"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"])
         # One sequence per row: its segment 1, the first of a "pair" whose second member is absent.
         return values_at(values, last_target_index({**batch, "pair_mask": jnp.zeros((values.shape[0], 1))}))[:, 0]
+
+    def _on_mesh(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Host [B, T] arrays split over the mesh's batch axes (replicated where they do not divide B)."""
+        sharder = self.model.sharder
+        if sharder.mesh is None:
+            return batch
+        return {k: jax.device_put(v, sharder.sharding(("activation_batch", None), v.shape)) for k, v in batch.items()}
 
     def encode(self, prompt: Prompt, response: str) -> tuple[np.ndarray, np.ndarray]:
         messages = [*as_messages(prompt), {"role": "assistant", "content": response}]
@@ -99,7 +120,7 @@ class RewardScorer:
                 batch["positions"][row, :n] = np.arange(n)
                 batch["segment_ids"][row, :n] = 1
                 batch["loss_mask"][row, :n] = mask
-            rewards = np.asarray(self._forward(self.params, batch))
+            rewards = np.asarray(self._forward(self.params, self._on_mesh(batch)))
             out[idx] = rewards[: len(idx)]
         return out
 

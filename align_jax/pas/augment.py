@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from align_jax.pas import templates
+
+if TYPE_CHECKING:  # jax loads with the model, not with this module
+    from align_jax.sharding import Sharder
 
 DEFAULT_TEMPLATE = "{prompt}\n\n{complement}"
 
@@ -49,9 +52,17 @@ class Augmenter:
 
     @classmethod
     def load(
-        cls, pas_workdir: str, *, step: int | None = None, batch_size: int = 16, dtype: str = "float32", **kwargs: Any
+        cls,
+        pas_workdir: str,
+        *,
+        step: int | None = None,
+        batch_size: int = 16,
+        dtype: str = "float32",
+        sharder: Sharder | None = None,
+        **kwargs: Any,
     ) -> Augmenter:
-        """An Augmenter over the ChatModel in `pas_workdir` (an SFT stage workdir or an HF directory)."""
+        """An Augmenter over the ChatModel in `pas_workdir` (an SFT stage workdir or an HF directory), its
+        params sharded over `sharder`'s mesh (default: ChatModel's, every local device on fsdp)."""
         from align_jax import checkpoint
         from align_jax.chat import ChatModel
 
@@ -60,7 +71,8 @@ class Augmenter:
             saved = checkpoint.read_config(pas_workdir, step).get("config", {})
             if saved.get("stage") == "pas":
                 kwargs["max_new_tokens"] = int(saved["max_new_tokens"])
-        return cls(ChatModel.load(pas_workdir, step=step, batch_size=batch_size, dtype=dtype), **kwargs)
+        model = ChatModel.load(pas_workdir, step=step, batch_size=batch_size, dtype=dtype, sharder=sharder)
+        return cls(model, **kwargs)
 
     def complements(self, prompts: Sequence[str]) -> list[str]:
         """The PAS model's complement for each prompt (stripped; "" when it writes nothing)."""

@@ -11,6 +11,11 @@ a `pas` stage it also measures constraint following on PAS-augmented prompts. Th
 gets its held-out pair accuracy. Results are kept in WORKDIR/eval/<name>.json under a key of what
 produced them (the model's checkpoint step and the eval settings), so a rerun measures only what
 changed; the report (align_jax.eval.report) is rewritten every time.
+
+Every model the stage loads (each evaluated model, the win-rate reference, the reward model, the PAS
+model) lives on one mesh, `eval_sharder(config)`: config.eval.mesh when the config has one (mesh axis
+sizes, as in a training stage's config.mesh, and optional `rules`), else every local device on fsdp, so
+each device holds 1/n of each model's weights (align_jax/chat.py says why that default).
 """
 
 from __future__ import annotations
@@ -27,13 +32,26 @@ import ml_collections
 from align_jax import checkpoint
 from align_jax.data.sources import iter_jsonl
 from align_jax.eval.ifeval import DEFAULT_MAX_NEW_TOKENS
+from align_jax.sharding import Sharder
 from align_jax.workdir import fingerprint, resolve_data_path
 
 log = logging.getLogger(__name__)
 
 
-def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16) -> Any:
-    """The model the SFT stage started from, as a ChatModel."""
+def eval_sharder(config: ml_collections.ConfigDict) -> Sharder:
+    """The mesh of every model the eval stage loads: config.eval.mesh where the config has one, else every
+    local device on fsdp."""
+    from align_jax.chat import eval_sharder as make
+
+    mesh = config.eval.get("mesh")
+    try:
+        return make(dict(mesh) if mesh else None)
+    except ValueError as e:  # ShardingError: name the key it came from
+        raise ValueError(f"config.eval.mesh: {e}") from None
+
+
+def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16, sharder: Sharder | None = None) -> Any:
+    """The model the SFT stage started from, as a ChatModel on `sharder`'s mesh (default: eval_sharder)."""
     import dataclasses
 
     import jax
@@ -41,23 +59,30 @@ def base_model(config: ml_collections.ConfigDict, resolve, batch_size: int = 16)
     from flax import linen as nn
     from transformers import AutoTokenizer
 
-    from align_jax.chat import ChatModel, default_sharder
+    from align_jax.chat import ChatModel, boxed_abstract
     from align_jax.models.transformer import boxed_init
+    from align_jax.sharding import tree_shardings
     from align_jax.workdir import TOKENIZER_DIR
 
+    sharder = sharder or eval_sharder(config)
     base = resolve(config.sft.init_from, by="eval", key="models") if config.sft.init_from else config.init_from
     if base:
-        return ChatModel.load(base, name="base", dtype=config.eval.dtype, batch_size=batch_size)
+        return ChatModel.load(base, name="base", dtype=config.eval.dtype, batch_size=batch_size, sharder=sharder)
     sft_dir = resolve("stage:sft", by="eval", key="models")
     saved = checkpoint.read_config(sft_dir)
     # The SFT run's own runtime settings (layers per remat unit and param dtype shape the init), so the
-    # seeded init below is the one build.init_from_params gave the SFT stage; then float32 for eval.
+    # seeded init below is the one build.init_from_params gave the SFT stage; then float32 for eval. Made
+    # straight into the eval shardings (the RNG is partitionable: the same values on any mesh).
     cfg = checkpoint.model_config_of(sft_dir, **saved.get("runtime", {}))
-    params = jax.jit(lambda rng: nn.meta.unbox(boxed_init(cfg, rng)))(jax.random.key(int(config.sft.seed)))
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    shardings = tree_shardings(boxed_abstract(cfg, sharder), sharder)
+    init = jax.jit(
+        lambda rng: jax.tree.map(lambda x: x.astype(jnp.float32), nn.meta.unbox(boxed_init(cfg, rng, sharder=sharder))),
+        out_shardings=shardings,
+    )
+    params = init(jax.random.key(int(config.sft.seed)))
     cfg = dataclasses.replace(cfg, param_dtype="float32", dtype="float32", remat_policy="none")
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(sft_dir, TOKENIZER_DIR))
-    return ChatModel(cfg, params, tokenizer, sharder=default_sharder(), name="base", batch_size=batch_size)
+    return ChatModel(cfg, params, tokenizer, sharder=sharder, name="base", batch_size=batch_size)
 
 
 def _ifeval_path(e: ml_collections.ConfigDict) -> str | None:
@@ -82,12 +107,12 @@ def _cached(path: str, key: dict, compute) -> dict:
     return metrics
 
 
-def rm_metrics(rm_dir: str, pref_eval: str, limit: int) -> dict[str, float]:
+def rm_metrics(rm_dir: str, pref_eval: str, limit: int, sharder: Sharder | None = None) -> dict[str, float]:
     from align_jax.data.formats import Origin
     from align_jax.data.preference import to_preference_record
     from align_jax.eval.reward import RewardScorer
 
-    scorer = RewardScorer.load(rm_dir)
+    scorer = RewardScorer.load(rm_dir, sharder=sharder)
     prompts, chosen, rejected = [], [], []
     for i, (_, row) in enumerate(iter_jsonl(pref_eval), start=1):
         if limit and i > limit:
@@ -109,7 +134,7 @@ def _model_names(config: ml_collections.ConfigDict, order: list[str]) -> list[st
     return names
 
 
-def _reward_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]:
+def _reward_model(config: ml_collections.ConfigDict, resolve, sharder: Sharder) -> tuple[str, Any]:
     """The reward model's directory and scorer ("" and None without config.eval.rm), loaded once for
     every model's reward and win rate."""
     e = config.eval
@@ -118,11 +143,11 @@ def _reward_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]
     if rm_dir:
         from align_jax.eval.reward import RewardScorer
 
-        scorer = RewardScorer.load(rm_dir, dtype=e.dtype)
+        scorer = RewardScorer.load(rm_dir, dtype=e.dtype, sharder=sharder)
     return rm_dir, scorer
 
 
-def _pas_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]:
+def _pas_model(config: ml_collections.ConfigDict, resolve, sharder: Sharder) -> tuple[str, Any]:
     """The PAS model's directory and augmenter ("" and None without config.eval.pas), loaded once for
     every model's constraint following on augmented prompts."""
     e = config.eval
@@ -131,7 +156,8 @@ def _pas_model(config: ml_collections.ConfigDict, resolve) -> tuple[str, Any]:
     if pas_dir:
         from align_jax.pas.augment import Augmenter
 
-        augmenter = Augmenter.load(pas_dir, max_new_tokens=int(config.pas.max_new_tokens), dtype=e.dtype)
+        max_new = int(config.pas.max_new_tokens)
+        augmenter = Augmenter.load(pas_dir, max_new_tokens=max_new, dtype=e.dtype, sharder=sharder)
     return pas_dir, augmenter
 
 
@@ -150,6 +176,7 @@ class _ModelEval:
     reward_prompts: list
     settings: dict
     reference_name: str
+    sharder: Sharder  # the one mesh every model of the stage lives on (eval_sharder)
     reference: Any = None
 
     def load(self, name: str) -> Any:
@@ -159,8 +186,9 @@ class _ModelEval:
 
         batch = int(self.config.eval.batch_size)
         if name == "base":
-            return base_model(self.config, self.resolve, batch)
-        return ChatModel.load(os.path.join(self.resolve.workdir, name), batch_size=batch, dtype=self.config.eval.dtype)
+            return base_model(self.config, self.resolve, batch, sharder=self.sharder)
+        where = os.path.join(self.resolve.workdir, name)
+        return ChatModel.load(where, batch_size=batch, dtype=self.config.eval.dtype, sharder=self.sharder)
 
     def compares(self, name: str) -> bool:
         """Whether `name` gets a win rate: a win rate needs a reward model to judge it, so without one the
@@ -266,19 +294,25 @@ def run_pipeline_eval(config: ml_collections.ConfigDict, resolve, workdir: str, 
     e = config.eval
     os.makedirs(workdir, exist_ok=True)
     names = _model_names(config, order)
-    rm_dir, scorer = _reward_model(config, resolve)
+    sharder = eval_sharder(config)
+    rm_dir, scorer = _reward_model(config, resolve, sharder)
     reward_prompts = load_prompts(e.reward_prompts, int(e.num_reward_prompts)) if e.reward_prompts else []
-    pas_dir, augmenter = _pas_model(config, resolve)
-    settings = {k: e[k] for k in sorted(e.keys()) if k != "models"}  # which models: not how they are measured
+    pas_dir, augmenter = _pas_model(config, resolve, sharder)
+    # Which models, and the mesh they run on, are not how they are measured: a cached result stays valid.
+    settings = {k: e[k] for k in sorted(e.keys()) if k not in ("models", "mesh")}
     reference_name = e.reference if e.reference in names or e.reference in order else ""
-    ev = _ModelEval(config, resolve, rm_dir, scorer, pas_dir, augmenter, reward_prompts, settings, reference_name)
+    ev = _ModelEval(
+        config, resolve, rm_dir, scorer, pas_dir, augmenter, reward_prompts, settings, reference_name, sharder
+    )
 
     stage_metrics = _evaluate_models(ev, names, workdir)
     if rm_dir:
         key = {"rm": fingerprint(rm_dir), "settings": settings}
         rm_name = e.rm[len("stage:") :] if e.rm.startswith("stage:") else "rm"
         stage_metrics[rm_name] = _cached(
-            os.path.join(workdir, "rm.json"), key, lambda: rm_metrics(rm_dir, resolve_data_path(e.pref_eval), 0)
+            os.path.join(workdir, "rm.json"),
+            key,
+            lambda: rm_metrics(rm_dir, resolve_data_path(e.pref_eval), 0, sharder=sharder),
         )
     stage_metrics = _in_pipeline_order(stage_metrics, order)
     curves = {n: os.path.join(resolve.workdir, n) for n in order if n in ("sft", "pas", "rm", "dpo", "grpo")}

@@ -58,7 +58,7 @@ def test_both_rope_encodings_read_the_same():
         (dict(remat_policy="everything"), "remat_policy='everything'"),
         (dict(model_type="gpt2"), "model_type='gpt2' is not supported"),
         (dict(dtype="float33"), "dtype='float33' is not a dtype"),
-        (dict(attention_impl="flash"), "attention_impl='flash'"),
+        (dict(attention_impl="bogus"), "attention_impl='bogus'"),
         (dict(sliding_window=0), "sliding_window must be positive"),
     ],
 )
