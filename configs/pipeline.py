@@ -102,9 +102,12 @@ def get_config(arg: str = "tiny"):
     c.eval.seq_len = 256
     c.eval.batch_size = 16
     c.eval.ppl_batches = 8  # 0: the whole held-out set
-    # The models' dtype during eval (each of policy, reference, RM and PAS model is held replicated on every
-    # local device): float32 for the tiny CPU demo, bfloat16 for real models.
+    # The models' dtype during eval: float32 for the tiny CPU demo, bfloat16 for real models.
     c.eval.dtype = "float32"
+    # The one mesh the policy, reference, RM and PAS model share during eval: every local device on fsdp,
+    # so each holds 1/n of every model's weights (an 8B pipeline's four models fit); e.g.
+    # --config.eval.mesh.tensor=2 for tensor parallelism. Axis sizes as in a training stage's config.mesh.
+    c.eval.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "sequence": 1, "expert": 1})
 
     if arg == "tiny":
         # The 0.8M-parameter models answer in a sentence or two; a long budget would only time the rows that
