@@ -10,8 +10,18 @@ Implementations, chosen by `ModelConfig.attention_impl`:
              For aligned queries and keys it runs blockwise, skipping key blocks causality masks whole.
   cudnn      `jax.nn.dot_product_attention(implementation="cudnn")`: the fused GPU kernel; the
              segment/causal/window mask is passed as a boolean mask.
-  splash     the TPU seam: register a kernel with `register_attention_impl("splash", fn)`.
-  auto       cudnn on a GPU for bf16/fp16, else reference.
+  splash     TPU: the Pallas splash kernel (`attention_kernels`), fed segment ids, not the mask.
+  flash      GPU: the Pallas Triton flash kernel, fed segment ids. It has no window: a call with a sliding
+             window runs the reference instead (Mistral-style windows on a GPU are cudnn's job).
+  auto       splash on a TPU (where the caller vouches for the window, see `attention`); cudnn on a
+             GPU for bf16/fp16; else reference.
+
+splash and flash read `segment_ids` [B, T] and know the mask only by its rule, so they serve aligned
+queries and keys (training, prefill) and need `sliding_window` to be the call's exact window. Chosen
+explicitly, a call they cannot serve (no segment ids, a decode step, a soft-cap) is a ConfigError; under
+auto it runs the reference. Off their hardware they run only in Pallas interpret mode
+(`ALIGN_JAX_PALLAS_INTERPRET=1`), which is how the CPU tests check them. A kernel registered under the
+same name with `register_attention_impl` (dense-mask signature) takes precedence over the built-in one.
 
 KV cache (generation): keys and values of every layer, kv-head-major ([B, K, S, H] per layer: the layout
 the score and context dots read without a transposed copy per step), either stacked in one [L, B, K, S, H]
@@ -29,7 +39,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from align_jax.models import attention_kernels as kernels
 from align_jax.models.config import ConfigError
+from align_jax.sharding import Sharder
 
 # fn(q[B,T,N,H], k[B,S,K,H], v[B,S,K,H], mask[B,T,S] bool, scale) -> [B,T,N,H]
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, float], jax.Array]
@@ -175,16 +187,45 @@ register_attention_impl("reference", reference_attention)
 register_attention_impl("cudnn", fused_attention)
 
 
+# auto keeps cuDNN on a GPU, as before the flash kernel existed: the two are unmeasured against each
+# other (no GPU was at hand). cuDNN takes any mask (windows too) and runs GQA without copying kv heads;
+# on packed rows it pays for reading the mask as a [B, 1, T, S] bias and, knowing only a mask, for the
+# fully masked blocks above the diagonal. flash reads O(T) segment ids and skips those blocks, but copies
+# kv heads and has no window. Choose flash explicitly for long packed rows; measure before defaulting.
 def resolve_impl(name: str, dtype: jnp.dtype) -> str:
+    """The implementation `name` ("auto" or an explicit one) runs here; ConfigError if it cannot."""
+    backend = jax.default_backend()
     if name == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "reference"
-    if name not in _IMPLS:
-        raise ConfigError(
-            f"attention_impl={name!r} has no kernel registered here (registered: {sorted(_IMPLS)}). "
-            "The TPU splash kernel plugs in with align_jax.models.attention.register_attention_impl('splash', fn)."
-        )
-    return name
+        if backend == "tpu":
+            return "splash"
+        return "cudnn" if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "reference"
+    if name in _IMPLS:
+        return name
+    if name in kernels.KERNEL_BACKENDS:
+        reason = kernels.unavailable_reason(name, backend)
+        if reason is not None:
+            raise ConfigError(
+                f"attention_impl={name!r}: {reason}; or plug in a kernel of your own with "
+                f"align_jax.models.attention.register_attention_impl({name!r}, fn)"
+            )
+        return name
+    raise ConfigError(
+        f"attention_impl={name!r} has no kernel registered here (registered: {sorted(_IMPLS)}). "
+        "The TPU splash kernel plugs in with align_jax.models.attention.register_attention_impl('splash', fn)."
+    )
+
+
+def _segment_kernel_problem(q_BTNH, k_BSKH, aligned: bool, softcap: float | None, segment_ids) -> str | None:
+    """Why a segment-id kernel cannot serve this call, or None when it can."""
+    if not aligned or q_BTNH.shape[1] != k_BSKH.shape[1]:
+        return "needs aligned queries and keys (training, prefill), not a decode step over a cache"
+    if segment_ids is None:
+        return "reads segment ids, and this call passed none"
+    if segment_ids.shape != q_BTNH.shape[:2]:
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}, queries {q_BTNH.shape[:2]}: they must match")
+    if softcap is not None:
+        return "cannot soft-cap attention scores; use auto or reference"
+    return None
 
 
 def attention(
@@ -199,14 +240,33 @@ def attention(
     scale: float | None = None,
     softcap: float | None = None,
     segment_ids: jax.Array | None = None,
+    exact_window: bool = False,
+    sharder: Sharder | None = None,
 ) -> jax.Array:
     """`aligned`: query i and key i are the same position (no cache offset), so the reference path
     may skip the key blocks that causality masks whole. `scale` defaults to head_dim ** -0.5.
     With `softcap` (Gemma 2) the fused kernels, which cannot cap scores, give way to the reference.
     `segment_ids` [B, T] (training and prefill, with `aligned`): what segment-id kernels read instead of
-    the dense mask; the reference path ignores them (`mask_BTS` was built from them)."""
+    the dense mask; the reference path ignores them (`mask_BTS` was built from them).
+    `sliding_window` is a bound for the reference (it skips keys beyond it) but the rule itself for the
+    segment-id kernels; `exact_window` says it is exactly this call's window (not so for layers that differ
+    in kind, which all get the full-attention value), and only then may `auto` pick such a kernel.
+    An explicit splash/flash trusts it: ModelConfig refuses them for models whose layers differ.
+    `sharder` (outside a shard_map): the segment-id kernels then run per device on its rows and heads."""
     scale = q_BTNH.shape[-1] ** -0.5 if scale is None else scale
     name = resolve_impl(impl, q_BTNH.dtype)
+    if name in kernels.KERNEL_BACKENDS and name not in _IMPLS:
+        problem = _segment_kernel_problem(q_BTNH, k_BSKH, aligned, softcap, segment_ids)
+        if impl == "auto" and (problem is not None or not exact_window):
+            name = "reference"
+        elif problem is not None:
+            raise ConfigError(f"attention_impl={name!r} {problem}")
+        elif name == "flash" and sliding_window is not None:
+            name = "reference"  # the Triton kernel has no window; the reference's mask has it
+        else:
+            return kernels.segment_attention(
+                name, q_BTNH, k_BSKH, v_BSKH, segment_ids, scale=scale, sliding_window=sliding_window, sharder=sharder
+            )
     if softcap is not None and impl == "auto":
         name = "reference"
     if name == "reference" and aligned:

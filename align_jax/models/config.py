@@ -31,7 +31,7 @@ MOE_IMPLS = ("auto", "ragged", "dense")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_proj", "save_qkv_attn", "save_out_proj")
-ATTENTION_IMPLS = ("auto", "reference", "cudnn", "splash")
+ATTENTION_IMPLS = ("auto", "reference", "cudnn", "splash", "flash")
 # ModelConfig fields that are ours, not the checkpoint's: they never reach config.json.
 RUNTIME_FIELDS = ("param_dtype", "dtype", "attention_impl", "remat_policy", "layers_per_unit", "scan_unroll")
 # Runtime fields set from other config sections (`config.lora`, `config.model.moe_impl` when present).
@@ -138,6 +138,9 @@ class ModelConfig:
             bad(f"scan_unroll must be >= 1, got {self.scan_unroll}")
         if self.attention_impl not in ATTENTION_IMPLS:
             bad(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+        if self.attention_impl in ("splash", "flash") and self.mixed_layers:
+            # These kernels take one static window per call; the layers share one (full-attention) value.
+            bad(f"attention_impl={self.attention_impl!r} needs every layer to attend alike; layer_types mixes kinds")
         if self.hidden_act not in HIDDEN_ACTS:
             bad(f"hidden_act={self.hidden_act!r} is not one of {HIDDEN_ACTS}")
         if self.layer_types is not None:
