@@ -4,6 +4,10 @@ Model code names logical axes (`embed`, `heads`, `activation_batch`, ...); a sho
 to physical mesh axes (`data`, `fsdp`, `tensor`, `sequence`). The same model then runs on one CPU, eight
 fake CPU devices, a GPU or a TPU slice; only the mesh shape changes.
 
+`sequence` splits each row's positions (`activation_length`); attention then runs as Ulysses sequence
+parallelism (align_jax/models/sequence_parallel.py, docs/sequence_parallel.md), and the parameters are
+split over it as over `fsdp`.
+
 Resolution is shape-aware: a mesh axis that does not divide a dimension is dropped for that array
 (the dimension is replicated over it) instead of failing. That keeps tiny test models (2 KV heads on a
 4-way tensor axis) and odd batch sizes working; on real models the rules divide evenly.
@@ -32,7 +36,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("activation_kv_heads", "tensor"),
     ("activation_mlp", "tensor"),
     ("activation_vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Parameters are split over `sequence` too: its devices hold other tokens of the same rows, so, like
+    # fsdp's, they need whole weights only one layer at a time (sequence_parallel.py).
+    ("embed", ("fsdp", "sequence")),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

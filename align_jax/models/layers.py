@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from align_jax.models.attention import attention, cached_attention, write_cache
 from align_jax.models.config import ModelConfig
 from align_jax.models.rope import apply_rope, inv_frequencies
+from align_jax.models.sequence_parallel import sequence_axes, ulysses_attention
 from align_jax.sharding import Sharder
 
 BTE = ("activation_batch", "activation_length", "activation_embed")
@@ -212,7 +213,7 @@ class Attention(nn.Module):
     def __call__(self, x_BTE: jax.Array, side: dict[str, Any], is_local: Any = False, cache=None, cache_index=None):
         cfg = self.cfg
         e, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
-        positions_BT, mask_BTS = side["positions"], layer_mask(cfg, side, is_local)
+        positions_BT = side["positions"]
 
         def proj(name: str, heads: int, heads_axis: str) -> jax.Array:
             shape, axes = (e, heads, h), ("embed", heads_axis, "head_dim")
@@ -238,9 +239,27 @@ class Attention(nn.Module):
             k_cache = constrain_cache(self.sharder, write_cache(cache["k"], kk, layer, index))
             v_cache = constrain_cache(self.sharder, write_cache(cache["v"], v, layer, index))
             cache = {"k": k_cache, "v": v_cache, "layer": layer}
-        if self.mode == "decode":
+        if self.mode is None and sequence_axes(self.sharder, q.shape):
+            # The length is split over the mesh: Ulysses (sequence_parallel.py), with masks built there from
+            # the segment ids (the Decoder then builds no dense [B, T, T] mask).
+            ctx = ulysses_attention(
+                q,
+                kk,
+                v,
+                side["segment_ids"],
+                is_local,
+                sharder=self.sharder,
+                impl=cfg.attention_impl,
+                sliding_window=cfg.uniform_window,
+                local_window=cfg.sliding_window if cfg.mixed_layers else None,
+                scale=scale,
+                softcap=cfg.attn_softcap,
+            )
+        elif self.mode == "decode":
+            mask_BTS = layer_mask(cfg, side, is_local)
             ctx = cached_attention(q, k_cache[layer], v_cache[layer], mask_BTS, scale, cfg.attn_softcap)
         else:
+            mask_BTS = layer_mask(cfg, side, is_local)
             ctx = attention(
                 q,
                 kk,
@@ -252,6 +271,9 @@ class Attention(nn.Module):
                 scale=scale,
                 softcap=cfg.attn_softcap,
                 segment_ids=side.get("segment_ids"),
+                # Layers that differ in kind (Gemma) all get the full-attention window here: not exact.
+                exact_window=not cfg.mixed_layers,
+                sharder=self.sharder,
             )
         ctx = checkpoint_name(ctx, "attn_context")
         o_proj = Linear(

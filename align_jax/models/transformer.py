@@ -52,6 +52,7 @@ from align_jax.models.layers import LmHead as LmHead
 from align_jax.models.layers import Mlp as Mlp
 from align_jax.models.layers import RMSNorm as RMSNorm
 from align_jax.models.layers import constrain_cache as constrain_cache
+from align_jax.models.sequence_parallel import sequence_axes
 from align_jax.sharding import Sharder
 
 
@@ -81,8 +82,17 @@ class Decoder(nn.Module):
         kv_segment_ids_BS=None,
     ):
         cfg, dtype = self.cfg, self.cfg.jnp_dtype
+        # Sequence parallelism: the length split over the mesh, training only (sequence_parallel.py).
+        sequence_parallel = cache is None and bool(sequence_axes(self.sharder, tokens_BT.shape))
         embedding = Embedding(cfg, name="embed")()
-        x = jnp.take(embedding, tokens_BT, axis=0).astype(dtype)
+        table = embedding
+        if sequence_parallel:
+            # The table's embed dim is split over (fsdp, sequence) and the looked-up rows over (batch,
+            # sequence): XLA cannot move between the two but by replicating all [B, T, E] rows on every
+            # device. Gathering the table's embed dim first (in the compute dtype) lets each device look up
+            # its own tokens; the cast commutes with the lookup, so the numbers are the same.
+            table = self.sharder.constrain(embedding.astype(dtype), ("vocab", None))
+        x = jnp.take(table, tokens_BT, axis=0).astype(dtype)
         if cfg.embed_scale:  # Gemma; the factor is rounded to the compute dtype first, as in transformers
             x = x * jnp.asarray(cfg.hidden_size**0.5, dtype)
         # A zero a caller can differentiate against (tests read d logits / d inputs through it);
@@ -102,11 +112,15 @@ class Decoder(nn.Module):
             # Segment-id kernels (splash, flash, sequence parallelism) build their own masks from these;
             # the dense masks below are then unused and XLA drops them.
             "segment_ids": segment_ids_BT,
-            "mask": make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.uniform_window),
+            # Under sequence parallelism each layer builds its mask inside its shard_map from the segment ids:
+            # no dense [B, T, T] mask over a long context.
+            "mask": None
+            if sequence_parallel
+            else make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.uniform_window),
             "local_mask": None,
             "token_mask": segment_ids_BT > 0 if cfg.num_experts else None,
         }
-        if cfg.mixed_layers:
+        if cfg.mixed_layers and not sequence_parallel:
             side["local_mask"] = make_mask(segment_ids_BT, kv_seg_BS, q_index_BT, kv_index_BS, cfg.sliding_window)
         if cache is None:
             x = LayerStack(cfg, self.sharder, name="layers")(x, side)
