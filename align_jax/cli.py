@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from align_jax.errors import USER_ERROR_EXIT_CODE, UserError, quiet_background_save_errors
 
@@ -56,6 +57,24 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
             raise
         print(f"error: {e}", file=sys.stderr)
         raise UserErrorExit(USER_ERROR_EXIT_CODE) from None
+
+
+def initialize_distributed(**settings: Any) -> None:
+    """`jax.distributed.initialize(**settings)` for a multi-process run (launch/train.py), before anything
+    touches a JAX backend. On CPU, cross-process collectives need an implementation: gloo (JAX's default
+    since 0.5; older versions had none and every multi-process CPU computation failed)."""
+    import jax
+
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**settings)
+    logging.getLogger(__name__).info(
+        "process %d of %d (%d local devices of %d)",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -13,6 +13,10 @@ and the trainer's teacher-forced ones (old_logp) agree up to float error when th
 `logp_mismatch/*` measures it every rollout. old_logp is always the trainer's under the params the
 rollout is scored with; sampler_logp is under whatever params sampled (the same here; older ones for a
 sampler that runs a step behind), and truncated importance sampling (tis_cap) corrects for the gap.
+
+Several processes: each reads its slice of the rollout's prompts (whole groups), the sampler runs on the
+global prompt array, and each process decodes and rewards only its own rows; scores and KL are gathered
+where batch statistics need every row (advantages, metrics), so the batch equals a single process's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import ml_collections
 import numpy as np
 
 from align_jax.batch import TOKEN_FIELDS
+from align_jax.data.multihost import all_rows, global_value, host_rows, local_rows
 from align_jax.data.prompts import PromptStream, prompt_messages
 from align_jax.data.tokenize import end_of_turn_ids
 from align_jax.engine import generate_many
@@ -94,13 +99,41 @@ class Rollouts:
         self.ppo = value_fn is not None
         self.eot_ids = sorted(end_of_turn_ids(tokenizer))
         k = min(int(g.kl_topk), model_cfg.vocab_size)
-        self._score = jax.jit(functools.partial(score_samples, apply_fn=policy_fn, estimator=g.kl_estimator, topk=k))
-        self._ptx_ref = jax.jit(functools.partial(reference_topk_of, apply_fn=policy_fn, topk=k))
+        chunk = int(g.train.loss_chunk)  # the LM head in chunks here too: no [B, T, V] logits in scoring
+        self._score = jax.jit(
+            functools.partial(score_samples, apply_fn=policy_fn, estimator=g.kl_estimator, topk=k, loss_chunk=chunk)
+        )
+        self._ptx_ref = jax.jit(functools.partial(reference_topk_of, apply_fn=policy_fn, topk=k, loss_chunk=chunk))
         self._values = jax.jit(functools.partial(forward, value_fn)) if value_fn is not None else None
         self._mismatch = jax.jit(rl.logp_mismatch)
         self.cached, self.left, self.count, self.metrics = None, 0, 0, {}
         self.env = env  # makes a fresh environment per episode (multi-turn rollouts), or None: single replies
         self.ahead = SampleAhead(self._sample_job, int(g.rollout_staleness))
+        # Several processes: each samples, decodes and scores its own rows of the batch (its prompts' groups),
+        # and sees every row's scores and KL only where batch statistics need them (advantages, metrics).
+        self.hosts = jax.process_count() > 1
+        self.part = (jax.process_index(), jax.process_count())
+        self.rows = (0, batch_size)
+        if self.hosts:  # (the settings that cannot run on several processes are refused by stages/grpo.py)
+            self.rows = host_rows(self._prompt_sharding(batch_size), (batch_size, int(g.max_prompt_len)))
+
+    def _mine(self, total: int) -> tuple[int, int]:
+        """This process's rows [lo, hi) of a global batch of `total` rows (checked against the mesh: host_rows)."""
+        p, count = self.part
+        return p * total // count, (p + 1) * total // count
+
+    def _prompt_sharding(self, rows: int) -> jax.sharding.Sharding:
+        return self.sharder.sharding(("activation_batch", None), (rows, int(self.g.max_prompt_len)))
+
+    def _global_prompts(self, tokens: list[list[int]]) -> tuple[jax.Array, np.ndarray]:
+        """This process's prompts -> (the global [B, max_prompt_len] prompt array, every row's length)."""
+        width = int(self.g.max_prompt_len)
+        local = np.zeros((len(tokens), width), np.int32)
+        for i, t in enumerate(tokens):
+            local[i, : len(t)] = t
+        lengths = all_rows(np.asarray([len(t) for t in tokens], np.int32))
+        shape = (len(lengths), width)
+        return jax.make_array_from_process_local_data(self._prompt_sharding(shape[0]), local, shape), lengths
 
     def policy(self, state: Any) -> Any:
         params = state.params["policy"] if self.ppo else state.params
@@ -140,6 +173,8 @@ class Rollouts:
             sharder=self.sharder,
         )
         tokens = [self.prompt_tokens(p) for p in prompts]
+        if self.hosts:  # the sampler takes the global prompt array, each process's rows on its own devices
+            tokens, common["prompt_lengths"] = self._global_prompts(tokens)
         if int(g.rollout_slots):
             # The refill engine: rows that end free their slot for the next prompt, so a long answer does
             # not hold a whole batch (align_jax/engine.py); prompts prefill at their own width.
@@ -148,10 +183,12 @@ class Rollouts:
             )
         else:
             out = generate(self.model_cfg, params, tokens, prompt_bucket=int(g.max_prompt_len), **common)
-        seqs, plen, glen, logprobs = (
-            np.asarray(jax.device_get(x)) for x in (out.sequences, out.prompt_lengths, out.lengths, out.logprobs)
+        # This process's rows (all of them on one process): it decodes and rewards only those.
+        seqs, plen, glen, logprobs, sampled = (
+            local_rows(x, self._mine(x.shape[0]))
+            for x in (out.sequences, out.prompt_lengths, out.lengths, out.logprobs, out.tokens)
         )
-        texts = self.decode(np.asarray(jax.device_get(out.tokens)), glen)
+        texts = self.decode(sampled, glen)
         cols = np.arange(seqs.shape[1])[None, :]
         end = (plen + glen)[:, None]
         host = {
@@ -194,14 +231,19 @@ class Rollouts:
         batch = run.global_batch(host)
         old_logp, ref_logp, kl = self._score(policy, state.frozen, batch)
         mask = np.asarray(host["loss_mask"][:, 1:], np.float32)
-        kl_tok = np.asarray(jax.device_get(kl)) * mask
+        kl_tok = local_rows(kl, self.rows) * mask
+        # Group and batch statistics (advantages, metrics) over every process's rows; each keeps its own.
+        scores, kl_tok, mask, glen = (all_rows(x) for x in (scores, kl_tok, mask, glen))
         adv = self.advantages(state, batch, scores, kl_tok, mask)
         adv = np.concatenate([adv, np.zeros((adv.shape[0], 1), np.float32)], axis=1)  # [B, T], like the tokens
+        lo, hi = self.rows
         batch.update(
             old_logp=pad_last(old_logp),
             ref_logp=pad_last(ref_logp),
-            advantages=run.global_batch({"a": adv.astype(np.float32)})["a"],
+            advantages=run.global_batch({"a": adv[lo:hi].astype(np.float32)})["a"],
         )
+        if self.hosts and self.ppo:  # computed for every row on every process: each hands over its own
+            batch.update({k: run.global_batch({k: np.asarray(batch[k])[lo:hi]})[k] for k in ("returns", "old_values")})
         mismatch = self._mismatch(batch["sampler_logp"][:, :-1], old_logp, batch["loss_mask"][:, 1:])
         if self.ptx is not None:
             batch.update(self.ptx_batch(run, state))
@@ -232,7 +274,7 @@ class Rollouts:
     def sample_round(self, params: Any, index: int, count: int) -> tuple[dict, np.ndarray, np.ndarray, dict]:
         """(host batch, lengths, shaped scores, reward parts) of batch_size / group_size fresh prompts."""
         g, n = self.g, int(self.g.group_size)
-        rows = self.prompts.take(self.batch_size // n)
+        rows = self.prompts.take(self.batch_size // n, part=self.part)
         key = [self.seed, count] + ([index] if index else [])  # round 0 keeps the seed it always had
         seed = int(np.random.default_rng(key).integers(2**31))
         host, glen, scores, parts = self.draw(params, rows, n, greedy=False, seed=seed)
@@ -256,13 +298,14 @@ class Rollouts:
         rounds, informative, found = [], [], 0
         while True:
             rounds.append(self.sample_round(params, len(rounds), count))
-            informative.append(np.asarray(adv_lib.informative_groups(rounds[-1][2], n)))
+            informative.append(np.asarray(adv_lib.informative_groups(all_rows(rounds[-1][2]), n)))
             found += int(informative[-1].sum())
             if not extra or found >= n_groups or len(rounds) > extra:
                 break
         scores = np.concatenate([r[2] for r in rounds])
-        metrics = {"reward/mean": float(scores.mean()), "reward/std": float(scores.std())}
-        metrics.update({f"reward/{k}": float(np.mean([r[3][k] for r in rounds])) for k in rounds[0][3]})
+        every = all_rows(scores)  # the policy's reward: over every process's rows
+        metrics = {"reward/mean": float(every.mean()), "reward/std": float(every.std())}
+        metrics.update({f"reward/{k}": float(np.mean([all_rows(r[3][k]) for r in rounds])) for k in rounds[0][3]})
         if not extra:
             host, glen, scores, _ = rounds[0]
             return host, glen, scores, {**metrics, "groups_constant": float(1.0 - informative[0].mean())}
@@ -306,6 +349,8 @@ class Rollouts:
         m = jnp.asarray(mask)
         rewards = rl.kl_in_reward(jnp.asarray(scores), jnp.asarray(kl_tok), m, kl_coef=kl_coef)
         values = self._values(state.params["value"], batch)[:, :-1]  # state at t, before token t+1
+        if self.hosts:  # beside the host-side rewards, which hold every process's rows
+            values = jnp.asarray(global_value(values))
         adv, returns = rl.gae(rewards, values, m, gamma=float(g.gamma), lam=float(g.lam))
         adv = rl.whiten(adv, m)
         batch.update(returns=pad_last(returns), old_values=pad_last(values))
@@ -339,7 +384,9 @@ class Rollouts:
             chunk = rows[lo : lo + bs]
             real = len(chunk)
             chunk = chunk + [chunk[-1]] * (bs - real)  # a full batch: one compiled shape
-            _, glen, scores, parts = self.draw(self.policy(state), chunk, 1, greedy=True, seed=0)
+            a, b = self._mine(bs)  # each process answers its rows; the sums are over all of them
+            _, glen, scores, parts = self.draw(self.policy(state), chunk[a:b], 1, greedy=True, seed=0)
+            glen, scores, parts = all_rows(glen), all_rows(scores), {k: all_rows(v) for k, v in parts.items()}
             scores, parts = scores[:real], {k: v[:real] for k, v in parts.items()}
             totals += float(scores.sum())
             for k, v in parts.items():

@@ -263,3 +263,17 @@ def test_grpo_variants_run_and_log_their_metrics(sft_dir, tmp_path, variant):
     # Sampler and trainer agree (same params, float32): every importance weight is 1, none truncated.
     assert rows[0]["tis/weight"] == pytest.approx(1.0, abs=1e-4) and rows[0]["tis/truncated"] == 0.0
     assert rows[0]["ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_grpo_stage_with_the_head_in_chunks_logs_the_same_numbers(sft_dir, tmp_path):
+    """config.train.loss_chunk reaches the rollout's scoring and the update: same samples, same numbers."""
+    logs = {}
+    for chunk in (0, 16):
+        c = grpo_config(sft_dir, kl_mode="reward", kl_estimator="topk", kl_topk=16)
+        c.train.update(steps=2, loss_chunk=chunk)
+        c.data.eval = ""
+        stages.get("grpo").run(c, str(tmp_path / str(chunk)))
+        logs[chunk] = [x for x in read_metrics(str(tmp_path / str(chunk))) if "loss" in x]
+    for full, chunked in zip(logs[0], logs[16], strict=True):
+        for key in ("loss", "kl", "entropy", "reward/mean", "grad_norm"):
+            assert chunked[key] == pytest.approx(full[key], rel=1e-4, abs=1e-6), key

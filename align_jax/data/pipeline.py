@@ -15,17 +15,17 @@ chats, and preference.py binds them to chosen/rejected pairs. It lives in:
   shuffled_batches.py  ShuffledBatches: the endless, shuffled, host-sharded, resumable train stream
   ordered_batches.py   OrderedBatches: one ordered pass, the same number of batches on every host
   sft_loader.py        SFTDataConfig, SFTIterator, EvalBatches, make_sft_iterator
-  multihost.py         global_batch, gather_host_states, host_state
+  multihost.py         global_batch, gather_host_states, host_state, host_rows, local_rows, data shards
 
 This module re-exports every one of those names, so `align_jax.data.pipeline` stays the one place the
 stages, the evaluation, preference.py and the tests import them from.
 """
 
 from align_jax.data.data_config import ConfigT, DataConfigMixin
-from align_jax.data.multihost import gather_host_states, global_batch, host_state
+from align_jax.data.multihost import gather_host_states, global_batch, host_rows, host_state, local_rows
 from align_jax.data.ordered_batches import OrderedBatches
 from align_jax.data.sft_loader import EvalBatches, SFTDataConfig, SFTIterator, make_sft_iterator
-from align_jax.data.shuffled_batches import STATE_VERSION, ShuffledBatches
+from align_jax.data.shuffled_batches import STATE_VERSION, ShardedBatches, ShuffledBatches
 from align_jax.data.window_packer import (
     MAX_LOGGED_BAD_ROWS,
     ON_BAD_ROW,
@@ -48,12 +48,15 @@ __all__ = [
     "OrderedBatches",
     "SFTDataConfig",
     "SFTIterator",
+    "ShardedBatches",
     "ShuffledBatches",
     "WindowPacker",
     "add_packing_stats",
     "gather_host_states",
     "global_batch",
+    "host_rows",
     "host_state",
+    "local_rows",
     "logger",
     "make_sft_iterator",
 ]

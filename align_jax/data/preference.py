@@ -46,6 +46,7 @@ import numpy as np
 
 from align_jax import batch as batch_fields
 from align_jax.data.formats import BadRowError, Message, Origin
+from align_jax.data.multihost import sharded_stream
 from align_jax.data.packing import FIELDS, OVER_LONG, PackingStats, Row, assign_rows, empty_rows, layout_row
 from align_jax.data.pipeline import (
     ON_BAD_ROW,
@@ -53,6 +54,7 @@ from align_jax.data.pipeline import (
     Batch,
     DataConfigMixin,
     OrderedBatches,
+    ShardedBatches,
     ShuffledBatches,
     add_packing_stats,
 )
@@ -362,14 +364,16 @@ def make_preference_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     score_stats: ScoreStats | Mapping[str, float] | None = None,
-) -> PreferenceIterator | PreferenceBatches:
+) -> PreferenceIterator | ShardedBatches | PreferenceBatches:
     """The loader for `split`: "train", the endless `PreferenceIterator`; "eval", the finite `PreferenceBatches`,
     packed once and kept; "all_train" / "all_eval", `iterate_all` of that split. `score_stats` (a ScoreStats or
     its dict, as `score_stats()` returns) defaults to the train split's (module doc)."""
     if split in ("all_train", "all_eval"):
         return iterate_all(data_cfg, tokenizer, split[4:], process_index, process_count, score_stats)
     windows, index, count = _windows(data_cfg, tokenizer, split, process_index, process_count, score_stats)
-    return PreferenceIterator(windows, index, count) if split == "train" else PreferenceBatches(windows, index, count)
+    if split == "eval":
+        return PreferenceBatches(windows, index, count)
+    return sharded_stream(lambda s, k: PreferenceIterator(windows, s, k), index, count)  # multihost.py: data shards
 
 
 def iterate_all(

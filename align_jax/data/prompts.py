@@ -24,8 +24,9 @@ def prompt_messages(row: Any, origin: Any) -> list[dict]:
 
 
 class PromptStream:
-    """Endless, shuffled (one permutation per epoch), resumable prompt rows; every host reads the same
-    rows (a rollout batch is small, and every host needs the whole batch to assemble it)."""
+    """Endless, shuffled (one permutation per epoch), resumable prompt rows. Every host draws the same
+    order and keeps the same position; each reads only its own slice of a rollout's prompts (`take`'s
+    `part`), so the prompts of a rollout do not depend on how many hosts sample them."""
 
     def __init__(self, spec: str, seed: int):
         self.source = open_source(spec, split="train")
@@ -42,17 +43,23 @@ class PromptStream:
             self._cached = (self.epoch, np.random.default_rng([self.seed, self.epoch]).permutation(len(self.source)))
         return self._cached[1]
 
-    def take(self, n: int) -> list[tuple[Any, Any]]:
-        out = []
-        while len(out) < n:
+    def take(self, n: int, part: tuple[int, int] = (0, 1)) -> list[tuple[Any, Any]]:
+        """The next `n` rows of the stream; with `part` = (i, k), only the i-th of k equal slices of them
+        (process i of k reads only the prompts its devices sample), the stream moving past all `n`."""
+        i, k = part
+        if n % k or not 0 <= i < k:
+            raise ValueError(f"{n} prompts cannot be split into {k} equal parts (part {i})")
+        picked: list[int] = []
+        while len(picked) < n:
             order = self._order()
-            k = min(n - len(out), len(order) - self.pos)
-            out += self.source.read(order[self.pos : self.pos + k].tolist())
-            self.pos += k
+            step = min(n - len(picked), len(order) - self.pos)
+            picked += order[self.pos : self.pos + step].tolist()
+            self.pos += step
             if self.pos == len(order):
                 self.epoch, self.pos = self.epoch + 1, 0
         self.rows += n
-        return out
+        per = n // k
+        return self.source.read(picked[i * per : (i + 1) * per])
 
     def state(self, live: bool = False) -> dict:
         if self.held is not None and not live:

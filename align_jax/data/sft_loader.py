@@ -18,9 +18,10 @@ import jax
 
 from align_jax.data.data_config import DataConfigMixin
 from align_jax.data.formats import FORMATS, BadRowError, Origin, to_record
+from align_jax.data.multihost import sharded_stream
 from align_jax.data.ordered_batches import OrderedBatches
 from align_jax.data.packing import OVER_LONG, Example, Row, empty_rows, pack_window
-from align_jax.data.shuffled_batches import ShuffledBatches
+from align_jax.data.shuffled_batches import ShardedBatches, ShuffledBatches
 from align_jax.data.sources import RowSource, open_source
 from align_jax.data.tokenize import LOSS_ON, TemplateError, TemplateRejected, chat_examples, end_of_turn_ids
 from align_jax.data.window_packer import ON_BAD_ROW, BadRows, Batch, add_packing_stats
@@ -125,7 +126,7 @@ def make_sft_iterator(
     split: str = "train",
     process_index: int | None = None,
     process_count: int | None = None,
-) -> SFTIterator | EvalBatches:
+) -> SFTIterator | ShardedBatches | EvalBatches:
     """The loader for `split` ("train": endless `SFTIterator`; "eval": finite `EvalBatches`).
 
     `data_cfg` is an SFTDataConfig, dict or ConfigDict with the SFTDataConfig keys. Process index and
@@ -142,5 +143,8 @@ def make_sft_iterator(
         raise ValueError(f"process_index={process_index} out of range for process_count={process_count}")
     # A dataset name without a split reads "train" for training; for eval the split must be named.
     source = open_source(spec, split="train" if split == "train" else None)
-    cls = SFTIterator if split == "train" else EvalBatches
-    return cls(source, tokenizer, cfg, process_index, process_count)
+    if split == "eval":
+        return EvalBatches(source, tokenizer, cfg, process_index, process_count)
+    # One stream per data shard this process reads (align_jax/data/multihost.py: one, unless
+    # ALIGN_JAX_DATA_SHARDS fixes more shards than there are processes).
+    return sharded_stream(lambda s, k: SFTIterator(source, tokenizer, cfg, s, k), process_index, process_count)

@@ -192,3 +192,52 @@ class ShuffledBatches:
         """Counts so far, for logging: examples, bad_rows (skipped), truncated, dropped, no_target, rows,
         packing_efficiency, batches, epoch."""
         return report_stats(self._stats, epoch=self._epoch)
+
+
+class ShardedBatches:
+    """Several shard streams of one process, read side by side: each batch is their batches concatenated
+    in shard order. The train stream is `data_shards` ShuffledBatches streams (shard s: index s of that
+    many; align_jax/data/multihost.py); process p of P reads shards p*K/P .. (p+1)*K/P - 1, so one process
+    reading all K shards yields exactly the global batches (rows in order) that K processes read together.
+    `state()` holds each shard's position; the other attributes (the preference loader's `num_rows`,
+    `score_stats()`, ...) are the first shard's, which all shards share."""
+
+    def __init__(self, streams: list[ShuffledBatches]):
+        if not streams:
+            raise ValueError("ShardedBatches needs at least one shard stream")
+        self.streams = streams
+        self.host_batch = sum(s.host_batch for s in streams)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "streams":  # not set yet (copy, unpickling): no delegation loop
+            raise AttributeError(name)
+        return getattr(self.streams[0], name)
+
+    def __iter__(self) -> ShardedBatches:
+        return self
+
+    def __next__(self) -> Batch:
+        batches = [next(s) for s in self.streams]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+    def state(self) -> dict[str, Any]:
+        return {"shards": [s.state() for s in self.streams]}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        shards = state.get("shards") if isinstance(state, Mapping) else None
+        if not isinstance(shards, list) or len(shards) != len(self.streams):
+            have = len(shards) if isinstance(shards, list) else 1
+            raise ValueError(
+                f"cannot resume the data iterator exactly: the saved state holds {have} data shard(s) for this "
+                f"process, this run reads {len(self.streams)} (set ALIGN_JAX_DATA_SHARDS as the saved run did)"
+            )
+        for stream, saved in zip(self.streams, shards, strict=True):
+            stream.restore(saved)
+
+    def stats(self) -> dict[str, Any]:
+        total = new_stats()
+        for s in self.streams:
+            for k, v in s._stats.items():
+                total[k] += v
+        total["batches"] = self.streams[0]._stats["batches"]  # batches of this process, not of each shard
+        return report_stats(total, epoch=min(s._epoch for s in self.streams))

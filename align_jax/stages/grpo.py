@@ -44,6 +44,7 @@ import ml_collections
 
 from align_jax import rewards
 from align_jax.batch import PPO_FIELDS, PTX_FIELDS, PTX_KL_FIELDS, ROLLOUT_FIELDS, TOKEN_FIELDS, BatchSpec
+from align_jax.config.sections import ConfigValueError
 from align_jax.data.prompts import PromptStream, Streams, prompt_messages
 from align_jax.data.sources import open_source
 from align_jax.envs import env_factory
@@ -106,9 +107,36 @@ def eval_rows(config: ml_collections.ConfigDict) -> list[tuple[Any, Any]] | None
     return source.read(list(range(min(len(source), int(config.eval_prompts)))))
 
 
+def check_processes(g: ml_collections.ConfigDict) -> None:
+    """Run before the workdir is taken (a refused setting leaves none). With several processes, settings
+    whose sampling is not multi-process yet are refused, and each process must sample whole groups (an
+    equal share of the rollout's prompts)."""
+    count = jax.process_count()
+    if count == 1:
+        return
+    # Samplers that place the prompts on the devices themselves (env episodes, the refill engine), sampling
+    # in a background thread (its collectives would interleave with the update's), and dynamic sampling
+    # (which would move groups between processes).
+    unsupported = {
+        "env": g.env,
+        "rollout_slots": int(g.rollout_slots),
+        "rollout_staleness": int(g.rollout_staleness),
+        "dynamic_sampling_max_rounds": int(g.dynamic_sampling_max_rounds),
+    }
+    on = [f"{k}={v!r}" for k, v in unsupported.items() if v]
+    if on:
+        raise ConfigValueError(f"{', '.join(on)}: not supported with {count} processes yet; run it on one host")
+    prompts = int(g.data.batch_size) // int(g.group_size)
+    if prompts % count:
+        raise ConfigValueError(
+            f"config.data.batch_size={g.data.batch_size} / group_size={g.group_size} = {prompts} prompts per rollout "
+            f"cannot be shared by {count} processes: make the prompt count a multiple of {count}"
+        )
+
+
 def spec(ctx: Context) -> StageSpec:
     c = g = ctx.config
-    objective = PolicyObjective.from_config(g)
+    objective = PolicyObjective.from_config(g, loss_chunk=c.train.loss_chunk)
     policy_fn = model_apply_fn(Decoder(ctx.model_cfg, ctx.sharder))
     if g.algorithm == "ppo":
         value_model = ScalarModel(ctx.model_cfg, ctx.sharder)
@@ -155,4 +183,4 @@ def spec(ctx: Context) -> StageSpec:
     )
 
 
-run = runner.stage(spec)
+run = runner.stage(spec, check=lambda config, workdir: check_processes(config))

@@ -51,6 +51,9 @@ class Run:
         elif spec.params.reference:
             self.state_shardings = self.state_shardings.replace(frozen=self._part(self.setup.param_shardings))
         self.batch_shardings = spec.batch.shardings(self.sharder)
+        if jax.process_count() > 1:  # each process's loader rows must be the batch rows its devices hold
+            shape = (int(config.data.batch_size), int(config.data.seq_len))
+            pipeline.host_rows(self.batch_shardings["tokens"], shape)
         if self.model_cfg.num_experts:  # routed experts: their load-balancing loss joins every stage's loss
             spec.loss_fn = with_router_aux(spec.loss_fn, self.model_cfg.router_aux_loss_coef)
         eval_loss = spec.loss_fn

@@ -54,12 +54,47 @@ class LoopHooks:
     extra_metrics: Callable[[], dict[str, float]] | None = None  # e.g. packing efficiency so far
 
 
+# A SIGTERM that came before the loop started (catch_sigterm_early), for the next loop to act on.
+_early = {"requested": False}
+
+
+def catch_sigterm_early() -> None:
+    """For launch scripts of multi-process runs, right after `jax.distributed.initialize()`: from then on a
+    SIGTERM is kept until the training loop starts, which then stops all processes after its first step,
+    with a checkpoint. (Without it, a SIGTERM during startup goes to JAX's preemption notifier, which
+    only records it: the process would train on as if nothing had come.)"""
+
+    def handler(signum, frame):
+        log.warning("SIGTERM received before training started: stopping after the first step")
+        _early["requested"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class _Preemption:
+    """SIGTERM while the loop runs (or before it: catch_sigterm_early): `requested` on this process.
+    `agreed()` after each step says whether to stop after it, the same answer on every process (a save and
+    every later step are collective: a process that stopped alone would leave the others waiting forever)."""
+
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._vote = _StopVote() if jax.process_count() > 1 else None
+
+    def agreed(self) -> bool:
+        """One process: whether SIGTERM came. Several: whether any process had it when the previous step's
+        vote was cast, known one step late (read while this step runs, so it never stalls the pipeline);
+        every process gets the same answer at the same step."""
+        if self._vote is None:
+            return self.requested
+        stop = self._vote.cast(self.requested)
+        if stop and not self.requested:
+            log.warning("another process received SIGTERM: saving a checkpoint after the current step")
+        return stop
 
     def __enter__(self):
+        self.requested, _early["requested"] = _early["requested"], False
+
         def handler(signum, frame):
             log.warning("SIGTERM received: saving a checkpoint after the current step")
             self.requested = True
@@ -75,6 +110,26 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _StopVote:
+    """A tiny all-reduce (max of a flag over every device) per step, read one step late."""
+
+    def __init__(self):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.asarray(jax.devices()), ("all",))
+        self._sharding = NamedSharding(mesh, PartitionSpec("all"))
+        self._max = jax.jit(lambda x: x.max(), out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self._pending: jax.Array | None = None
+
+    def cast(self, flag: bool) -> bool:
+        # One element per device, each process's devices holding its flag, wherever they sit in the mesh.
+        shards = [jax.device_put(np.full((1,), int(flag), np.int32), d) for d in jax.local_devices()]
+        votes = jax.make_array_from_single_device_arrays((jax.device_count(),), self._sharding, shards)
+        vote = self._max(votes)
+        previous, self._pending = self._pending, vote
+        return previous is not None and bool(np.asarray(previous.addressable_data(0)))
+
+
 def run(
     state: Any,
     *,
@@ -87,7 +142,8 @@ def run(
     """Runs steps start_step..total_steps. Returns (state, summary)."""
     peak = cfg.peak_flops or device_peak_flops(jax.devices()[0])
     n_dev = jax.device_count()
-    progress = Progress(cfg.total_steps, start_step) if cfg.progress else None
+    # One progress bar per run, not one per process.
+    progress = Progress(cfg.total_steps, start_step) if cfg.progress and jax.process_index() == 0 else None
     summary: dict[str, Any] = {"start_step": start_step, "preempted": False}
     last_saved = checkpointer.latest_step()
     window = _Window()
@@ -148,7 +204,7 @@ def run(
                 t_window = time.perf_counter()  # eval time is not step time
             if (cfg.ckpt_every and step % cfg.ckpt_every == 0) or is_last:
                 save(step, eval_metrics if do_eval else None)
-            if preemption.requested and not is_last:
+            if preemption.agreed() and not is_last:
                 if last_saved != step:  # a SIGTERM on a checkpoint step: that save is the one to keep
                     save(step)
                 summary["preempted"] = True
@@ -158,6 +214,9 @@ def run(
     checkpointer.wait()
     summary.update(final_step=step, last_checkpoint=last_saved, **{f"final_{k}": v for k, v in eval_metrics.items()})
     return state, summary
+
+
+_FINGERPRINT_MOD = 2147483647
 
 
 class _Window:
@@ -177,7 +236,18 @@ class _Window:
         self.slots += int(stats.get("token_slots", 0))
         self.context_sum += float(stats.get("avg_context", 0.0)) * int(stats.get("real_tokens", 0))
 
+    def _sum_over_processes(self) -> None:
+        from align_jax.data.multihost import all_rows
+
+        # Counts as int32 (JAX moves no 64-bit values by default; each is below 2**31), the context as float32.
+        counts = all_rows(np.asarray([[self.real_tokens, self.slots, self.fingerprint]], np.int32)).astype(np.int64)
+        self.real_tokens, self.slots = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+        self.fingerprint = int(counts[:, 2].sum() % _FINGERPRINT_MOD)
+        self.context_sum = float(all_rows(np.asarray([self.context_sum], np.float32)).sum())
+
     def rates(self, elapsed: float, flops_fn, peak: float, n_dev: int) -> dict[str, float]:
+        if jax.process_count() > 1:  # each process counted its own rows: the global batch is their sum
+            self._sum_over_processes()
         out = {"step_s": elapsed / max(self.steps, 1), "batch_fingerprint": float(self.fingerprint)}
         if elapsed <= 0 or not self.slots:
             return out
@@ -191,16 +261,22 @@ class _Window:
         return out
 
 
-def batch_stats(host_batch: dict[str, np.ndarray]) -> dict[str, float]:
-    """Host-side counts of one batch, for throughput and MFU."""
+def batch_stats(host_batch: dict[str, np.ndarray], first_row: int | None = None) -> dict[str, float]:
+    """Host-side counts of this process's rows of one batch (rows `first_row`.. of the global batch; by
+    default this process's share), for throughput and MFU."""
     from align_jax.metrics import mean_causal_context
 
     seg = host_batch["segment_ids"]
     real = int((seg > 0).sum())
-    # Identifies the batch's examples (a resumed run must see the same ones in the same order).
+    # Identifies the batch's examples (a resumed run must see the same ones in the same order). Weighted
+    # by position in the global batch: the processes' sums add up to the fingerprint of the whole batch,
+    # the same as a single process reading all of it computes.
     tokens = host_batch["tokens"].astype(np.int64)
-    weights = np.arange(1, tokens.size + 1, dtype=np.int64).reshape(tokens.shape) % 65521
-    fingerprint = int((tokens * weights).sum() % 2147483647)
+    if first_row is None:
+        first_row = jax.process_index() * tokens.shape[0]
+    start = first_row * int(np.prod(tokens.shape[1:], dtype=np.int64))
+    weights = np.arange(start + 1, start + tokens.size + 1, dtype=np.int64).reshape(tokens.shape) % 65521
+    fingerprint = int((tokens * weights).sum() % _FINGERPRINT_MOD)
     return {
         "real_tokens": real,
         "token_slots": int(seg.size),
