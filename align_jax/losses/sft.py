@@ -81,12 +81,17 @@ def chunked_head(
     with the LM head applied `chunk` positions at a time inside a checkpointed map: only one chunk's
     float32 logits exist, forward or backward, instead of all [B, T, V] (33.6 GB for 16 x 4096 tokens at
     Llama-3's 128k vocabulary). Exact whenever `fn` is per position (the head and every use of it are).
-    T must be a multiple of `chunk`; `per_token` leaves are [B, T, ...]."""
+    T must be a multiple of `chunk`; `per_token` leaves are [B, T, ...].
+
+    Chunks are strided, not contiguous: step j reads positions j, j + n, j + 2n, ... (n = T / chunk), so
+    each step spans the whole row. When the length is split over the mesh (sequence parallelism), every
+    device then computes the head for its own positions in every step; contiguous chunks would each sit
+    on one device, and XLA would gather the hidden states so all of them compute every chunk."""
     b, t, _ = hidden_BTE.shape
     n = t // chunk
 
     def split(x: jax.Array) -> jax.Array:
-        return x.reshape(b, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+        return jnp.moveaxis(x.reshape(b, chunk, n, *x.shape[2:]), 2, 0)
 
     @jax.checkpoint
     def one(h_BCE, *xs):
@@ -94,7 +99,7 @@ def chunked_head(
         return fn(soft_cap(logits, softcap), *xs)
 
     out = jax.lax.map(lambda xs: one(*xs), (split(hidden_BTE), *(split(x) for x in per_token)))
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, t, *x.shape[3:]), out)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2).reshape(b, t, *x.shape[3:]), out)
 
 
 def chunked_token_stats(
@@ -121,16 +126,17 @@ def next_token_map(
     targets = tokens[:, 1:]
     t = tokens.shape[1] - 1
     if loss_chunk and t > loss_chunk:
-        hidden = apply_fn(params, tokens, positions, segments, return_hidden=True)[:, :-1]
-        pad = -t % loss_chunk  # the last chunk is padded; what it computes for padding is cut off below
+        # Every position's hidden state, the last one's too (it predicts nothing; its output is cut off
+        # below): slicing it away would shift the rows' layout where the length is split over the mesh.
+        hidden = apply_fn(params, tokens, positions, segments, return_hidden=True)
 
-        def padded(x: jax.Array) -> jax.Array:
-            return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        def padded(x: jax.Array, extra: int) -> jax.Array:
+            return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2)) if extra else x
 
+        pad = -(t + 1) % loss_chunk  # 0 for the usual lengths (multiples of the chunk)
         softcap = getattr(apply_fn, "final_softcap", None)  # Gemma 2 caps the logits the decoder would return
-        out = chunked_head(
-            padded(hidden), lm_head_weight(params), loss_chunk, fn, tuple(map(padded, (targets, *per_token))), softcap
-        )
+        per_token = tuple(padded(x, pad + 1) for x in (targets, *per_token))
+        out = chunked_head(padded(hidden, pad), lm_head_weight(params), loss_chunk, fn, per_token, softcap)
         return jax.tree.map(lambda x: x[:, :t], out)
     logits = apply_fn(params, tokens, positions, segments)[:, :-1]
     return fn(logits, targets, *per_token)

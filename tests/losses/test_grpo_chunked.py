@@ -25,7 +25,7 @@ from tests.train.test_step import assert_trees_close, examples, rows
 CFG = aj.ModelConfig(
     vocab_size=211, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, dtype="float32"
 )
-CHUNK = 4  # 23 predicted positions: five full chunks and a padded one
+CHUNK = 5  # 24 positions (the last predicts nothing) + 1 of padding: five strided chunks
 
 
 def rollout_batch(seed: int = 0) -> dict[str, jax.Array]:
