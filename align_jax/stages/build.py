@@ -34,8 +34,10 @@ from align_jax.workdir import TOKENIZER_DIR, resolve_data_path
 log = logging.getLogger(__name__)
 
 
-def make_sharder(config: ml_collections.ConfigDict) -> Sharder:
-    mesh = make_mesh(mesh_shape(config))
+def make_sharder(config: ml_collections.ConfigDict, devices: list | None = None) -> Sharder:
+    """The mesh and rules of config.mesh, over `devices` (default: all; the fit planner passes a TPU
+    topology's compile-only devices)."""
+    mesh = make_mesh(mesh_shape(config), devices)
     rules = dict(normalize_rules(None))
     rules.update(normalize_rules(config.mesh.rules))
     sharder = Sharder(mesh, tuple(rules.items()))
