@@ -28,6 +28,18 @@ HF_CONFIGS: dict[str, dict[str, Any]] = {
     # meta-llama/Meta-Llama-3-8B (3.1-8B differs only in RoPE scaling and context length).
     "llama3_8b": _LLAMA3_8B,
     "llama3_8b_qlora": _LLAMA3_8B,
+    # meta-llama/Llama-3.1-8B: Llama-3-8B's shapes, RoPE scaled to 128k positions (configs/sft.py:long32k).
+    "long32k": {
+        **_LLAMA3_8B,
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    },
     # meta-llama/Meta-Llama-3-70B.
     "llama3_70b": {
         **_LLAMA3_8B,
