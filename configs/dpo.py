@@ -23,10 +23,15 @@ Presets:
              H100/H200 or TPU v5p-8, mesh fsdp=8, seq_len 4096, 64 rows of packed pairs per step in 4
              microbatches, full remat, bf16, precomputed reference log-probs. Estimate, not measured: 6 x
              8.0e9 x 262k tokens = 1.3e16 FLOP/step (+1/3 with an in-step reference), ~4 s/step at 40% MFU.
-  qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b.
+             Fit (launch/plan.py, compiled for the slice; docs/benchmarks.md): v5p-8 60.6 of 95 GiB per
+             chip; v5e-16 only with --config.model.layers_per_unit=2 (15.7 of 16 GiB); v5p-128 with
+             --config.train.microbatches=1.
+  qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b. Fit (launch/plan.py): v5p-8 57.5 of 95 GiB per
+             chip, v5e-16 14.8 of 16 GiB as set, v5p-128 with --config.train.microbatches=1.
   llama3_70b Llama-3(.1)-70B DPO: 64 H100s or a TPU v5p-128, mesh fsdp=16 x tensor=4 (x data for the
              rest), 128 rows of packed pairs per step in 8 microbatches, remat one unit per 2 layers,
-             precomputed reference log-probs.
+             precomputed reference log-probs. Fit (launch/plan.py): not v5p-8 (the train state alone is
+             197 GiB per chip); v5p-128 as the SFT preset (the reference is not in the step).
 """
 
 from align_jax.config import base_config

@@ -73,9 +73,15 @@ Presets:
              on your prompts (--config.data.train): 8x H100/H200 or TPU v5p-8, mesh fsdp=8, 64 prompts x
              3 samples, 512 new tokens. Estimate, not measured: rollout dominates (decode of 192 x 512
              tokens), then one update of ~192 x 1k tokens, the LM head in 512-position chunks.
-  qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b.
+             Fit of the update step (launch/plan.py, compiled for the slice; policy + frozen reference):
+             v5p-8 60.3 of 95 GiB per chip, plus 6 GiB per chip of the sampler's KV cache; v5p-128 with
+             --config.train.microbatches=3 (7.2 GiB); v5e-16 needs microbatches dividing 16-row shares
+             (4: 16.4 of 16 GiB, too much at one layer per unit; see docs/benchmarks.md).
+  qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b. Fit: v5p-8 57.2 of 95 GiB per chip; v5e-16 with
+             --config.train.microbatches=4 (15.7 of 16 GiB).
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128, mesh fsdp=16 x tensor=4 (x data for the rest),
-             128 prompts x 3 samples, 16 update microbatches, remat one unit per 2 layers.
+             128 prompts x 3 samples, 6 update microbatches (64 rows: 4 per fsdp shard), remat one unit per
+             2 layers. Fit (launch/plan.py): v5p-128 38.3 of 95 GiB per chip, plus 1.9 GiB of KV cache.
 """
 
 from align_jax.config import base_config
@@ -131,7 +137,7 @@ def get_config(arg: str = "tiny"):
             c.mesh.update(data=-1, fsdp=16, tensor=4)
             c.model.layers_per_unit = 2
             c.data.batch_size = 384
-            c.train.microbatches = 16
+            c.train.microbatches = 6  # 384 rows in 64-row microbatches: 4 per fsdp shard
     else:
         raise ValueError(
             f"configs/grpo.py: unknown preset {arg!r}; presets: tiny, dapo_tiny, calculator_tiny, llama3_8b, "

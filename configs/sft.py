@@ -28,8 +28,12 @@ Presets:
              a 16 x 4096 microbatch's 128k-vocab fp32 logits are 33.6 GB, and as much again for
              their gradient). Estimate, not yet measured: 6 x 8.0e9 params x 262k tokens + attention
              = 1.3e16 FLOP/step; at 40% MFU on 8 x 989 TFLOP/s, ~4 s/step.
+             Fit (launch/plan.py, compiled for the slice; docs/benchmarks.md): v5p-8 (fsdp=4) 60.6 of
+             95 GiB per chip; v5e-16 only with --config.model.layers_per_unit=2 (15.9 of 16 GiB; as set,
+             16.5); v5p-128 with --config.train.microbatches=1 (43.2 GiB with remat none).
   qwen2_7b   Qwen2/2.5-7B, same hardware and layout as llama3_8b: ~1.2e16 FLOP/step, ~3.8 s/step at
-             40% MFU (estimate).
+             40% MFU (estimate). Fit (launch/plan.py): v5p-8 57.5 of 95 GiB per chip, v5e-16 15.0 of
+             16 GiB as set, v5p-128 with --config.train.microbatches=1.
   llama3_8b_qlora  Llama-3(.1)-8B with QLoRA on ONE device (--config.init_from=/path/to/Meta-Llama-3-8B):
              the projection kernels frozen in 4-bit NF4, rank-16 adapters (alpha 32, dropout 0.05) on all
              seven projections, bf16 compute, full remat, 8 microbatches of 2 x 2048 tokens, loss in
@@ -65,10 +69,14 @@ Presets:
              unit per layer, loss in 1024-position chunks. Estimate, not yet measured: 6 x 8.0e9 params x
              524k tokens = 2.5e16 FLOP/step, plus attention, up to 1.4e16 more when rows are single 32k
              documents (less for packed shorter ones); ~12 s/step at 40% MFU on 8 x 989 TFLOP/s.
+             Fit (launch/plan.py, splash attention inside Ulysses): v5p-16 (8 chips, fsdp=2 x sequence=4)
+             48.5 of 95 GiB per chip; the planner's FLOP count is 3.7e16/step with attention.
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128: mesh fsdp=16 x tensor=4 (x data for the
              rest), seq_len 4096, 128 rows/step in 8 microbatches, remat one unit per 2 layers.
              Estimate: 6 x 70.6e9 params x 524k tokens + attention = 2.3e17 FLOP/step; ~9 s/step at
-             40% MFU on 64 x 989 TFLOP/s.
+             40% MFU on 64 x 989 TFLOP/s. Fit (launch/plan.py): v5p-128 34.2 of 95 GiB per chip as set
+             (4 microbatches with remat save_dots also fit, 74.5 GiB); not v5p-8 or v5e-16 (the train
+             state alone is 197 / 49 GiB per chip there).
 
 Data keys every stage shares: config.data.train / config.data.eval (a path, glob, `demo:NAME` or a
 `datasets` name), config.data.format, config.train.steps, config.init_from.
