@@ -76,7 +76,7 @@ Presets:
              Fit of the update step (launch/plan.py, compiled for the slice; policy + frozen reference):
              v5p-8 60.3 of 95 GiB per chip, plus 6 GiB per chip of the sampler's KV cache; v5p-128 with
              --config.train.microbatches=3 (7.2 GiB); v5e-16 needs microbatches dividing 16-row shares
-             (4: 16.4 of 16 GiB, too much at one layer per unit; see docs/benchmarks.md).
+             (4: 16.4 of 16 GiB, 12: 17.1): it does not fit there (docs/benchmarks.md).
   qwen2_7b   Qwen2/2.5-7B, same layout as llama3_8b. Fit: v5p-8 57.2 of 95 GiB per chip; v5e-16 with
              --config.train.microbatches=4 (15.7 of 16 GiB).
   llama3_70b Llama-3(.1)-70B: 64 H100s or a TPU v5p-128, mesh fsdp=16 x tensor=4 (x data for the rest),
